@@ -1,0 +1,111 @@
+"""What every entry point does around its job: Hydra, logging, run directories, seeding.
+
+Entry points write nothing before their inputs are validated: Hydra is told to create no output
+directory and no log file (see the `hydra:` block of each primary yaml); the job creates its run
+directory itself once it knows it can run, and only then adds a log file there.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import random
+import sys
+from collections.abc import Callable
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from configs import CONFIG_DIR
+from configs.errors import exit_on_user_error
+
+LOG_FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
+LOG_DATEFMT = "%H:%M:%S"
+
+
+class _TqdmHandler(logging.StreamHandler):
+    """Console handler that prints through tqdm, so log lines do not break progress bars."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            from tqdm import tqdm
+
+            tqdm.write(self.format(record), file=sys.stderr)
+        except Exception:
+            self.handleError(record)
+
+
+def setup_logging(level: int = logging.INFO) -> None:
+    """Readable console logs for robosteer's loggers (idempotent)."""
+    root = logging.getLogger()
+    if any(isinstance(h, _TqdmHandler) for h in root.handlers):
+        return
+    handler = _TqdmHandler()
+    handler.setFormatter(logging.Formatter(LOG_FORMAT, LOG_DATEFMT))
+    root.addHandler(handler)
+    root.setLevel(level)
+    for noisy in ("absl", "matplotlib", "PIL", "h5py", "urllib3", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def add_log_file(run_dir: Path, name: str = "log.txt") -> Path:
+    """Also write the logs to `run_dir/name` (call once the run directory exists)."""
+    path = Path(run_dir) / name
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter(LOG_FORMAT, "%Y-%m-%d %H:%M:%S"))
+    logging.getLogger().addHandler(handler)
+    return path
+
+
+def new_run_dir(root: str | Path, job: str, name: str | None = None) -> Path:
+    """`<root>/<job>/<name or timestamp>`, created; an existing directory is reused (resume)."""
+    run_dir = Path(root) / job / (name or datetime.now().strftime("%Y%m%d-%H%M%S"))
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir
+
+
+def save_config(cfg: Any, run_dir: Path, name: str = "config.yaml") -> Path:
+    """Write the resolved config next to the run's outputs."""
+    from omegaconf import OmegaConf
+
+    path = Path(run_dir) / name
+    path.write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    return path
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and (if imported) torch."""
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    if "torch" in sys.modules:
+        import torch
+
+        torch.manual_seed(seed)
+
+
+def hydra_main(config_name: str) -> Callable[[Callable[[Any], Any]], Callable[[], Any]]:
+    """Decorator for entry points: Hydra with the schemas registered, logging, clean user errors.
+
+    ``@hydra_main("train_value")`` on ``def main(cfg)`` gives a ``main()`` that parses the command
+    line (``data=bridge value.lr=1e-4``, ``--cfg job``), runs the job, and turns a `UserError` into
+    its message and exit status 2.
+    """
+    import hydra
+
+    from configs.schema import register
+
+    def decorate(job: Callable[[Any], Any]) -> Callable[[], Any]:
+        @functools.wraps(job)
+        def task(cfg: Any) -> Any:
+            setup_logging()
+            with exit_on_user_error():
+                return job(cfg)
+
+        register()
+        os.environ.setdefault("HYDRA_FULL_ERROR", "1")
+        return hydra.main(config_path=str(CONFIG_DIR), config_name=config_name, version_base=None)(task)
+
+    return decorate

@@ -1,0 +1,1 @@
+"""WidowX wire protocol, client, safety layer, control loop, simulated WidowX service."""

@@ -1,0 +1,1 @@
+"""robosuite tasks with language instructions, scripted experts, parallel rollout/eval, videos."""

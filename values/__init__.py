@@ -1,0 +1,1 @@
+"""Value learning: encoders, critics, Cal-QL, IQL, value checkpoints."""
