@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 import random
 import sys
 from collections.abc import Callable
@@ -19,6 +18,7 @@ from typing import Any
 
 from configs import CONFIG_DIR
 from configs.errors import exit_on_user_error
+from configs.registry import Registry
 
 LOG_FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
 LOG_DATEFMT = "%H:%M:%S"
@@ -105,7 +105,31 @@ def hydra_main(config_name: str) -> Callable[[Callable[[Any], Any]], Callable[[]
                 return job(cfg)
 
         register()
-        os.environ.setdefault("HYDRA_FULL_ERROR", "1")
-        return hydra.main(config_path=str(CONFIG_DIR), config_name=config_name, version_base=None)(task)
+        hydra_task = hydra.main(config_path=str(CONFIG_DIR), config_name=config_name, version_base=None)(task)
+
+        @functools.wraps(job)
+        def entry() -> Any:
+            with exit_on_user_error():
+                check_group_choices(sys.argv[1:])
+            return hydra_task()
+
+        return entry
 
     return decorate
+
+
+def check_group_choices(overrides: list[str]) -> None:
+    """Fail early, with the known options and a suggestion, on `group=unknown` overrides.
+
+    Hydra would also refuse them, but without a suggestion; this only looks at the yaml groups.
+    """
+    for arg in overrides:
+        key, sep, value = arg.partition("=")
+        key = key.lstrip("+~")
+        group_dir = CONFIG_DIR / key
+        if not sep or "." in key or not group_dir.is_dir() or value in ("", "null"):
+            continue
+        options = Registry[str](f"option of config group {key!r}")
+        for yaml in group_dir.glob("*.yaml"):
+            options.register(yaml.stem)(yaml.stem)
+        options.get(value)

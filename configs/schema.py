@@ -1,106 +1,29 @@
-"""Typed schemas of the Hydra config tree.
+"""Typed schemas of the Hydra config tree: how they are found and registered.
 
-Every config group has a dataclass here, registered in Hydra's ConfigStore by `register()`; the yaml
-files under `configs/` only choose values. Every field is documented where it is declared. Derived
-values (paths that default to "beside the dataset", normalisation statistics, ...) are computed in
-code, never with interpolation resolvers.
+Each package keeps the dataclass schemas of the config groups and entry points it serves in its own
+`<package>/config.py` (data/config.py, sim/config.py, ...), next to the code that reads them, with
+a `register(cs)` function; `register()` here collects them all into Hydra's ConfigStore. The yaml
+files under `configs/` only choose values; derived values are computed in code, never with
+interpolation resolvers.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any
+import importlib
 
-from omegaconf import MISSING
-
-
-@dataclass
-class RewardConfig:
-    """Sparse success labelling and Monte-Carlo returns (defaults: V-GPS, reference/vgps.md)."""
-
-    # H: the last H transitions of a successful episode get `success_reward` (and are terminal).
-    success_steps: int = 3
-    # Reward on those last H transitions. V-GPS code: 0 (with -1 elsewhere); Q-SFT wants 1 / 0.
-    success_reward: float = 0.0
-    # Reward on every other transition (and on every transition of a failed episode).
-    step_reward: float = -1.0
-    # Mark the rewarded transitions terminal (no bootstrapping past them), as V-GPS and PTR do.
-    terminal_on_success: bool = True
-    # Discount of the Monte-Carlo return G_t = r_t + discount * (1 - terminal_t) * G_{t+1}.
-    discount: float = 0.98
-    # Episodes whose dataset records no success flag (demonstrations such as Bridge) count as
-    # successful; with False they count as failures.
-    unknown_is_success: bool = True
-
-
-@dataclass
-class DatasetConfig:
-    """One RLDS dataset prepared by tensorflow-datasets: `<data_dir>/<tfds_name>/<version>/`."""
-
-    # Registry name of the standardisation that maps raw steps to canonical steps (data/datasets.py).
-    standardize: str = MISSING
-    # Directory name of the dataset under data_dir, e.g. "bridge_dataset" (OpenVLA: "bridge_orig").
-    tfds_name: str = MISSING
-    version: str = "1.0.0"
-    # Root directory holding <tfds_name>/<version>; null = the `data.data_dir` of the mixture.
-    data_dir: str | None = None
-    # Split used for training and, if present in the dataset, the one used for validation.
-    split: str = "train"
-    val_split: str | None = "val"
-    # If the dataset has no `val_split`, hold out this fraction of episodes (by a stable hash of the
-    # episode's key) for validation; V-GPS uses 5%.
-    val_fraction: float = 0.05
-    # Sampling weight in a mixture (V-GPS: bridge 1.0, fractal 0.54087); normalised in code.
-    weight: float = 1.0
-    # Side length the prepared store keeps images at; null keeps the dataset's native size.
-    image_size: int | None = None
-    # "jpeg": keep the dataset's JPEG bytes (bit-exact, about the source size on disk, decoded by
-    # the loader); "raw": decoded uint8 frames (H*W*3 bytes per frame on disk, fastest to load).
-    image_format: str = "jpeg"
-    # Also keep the wrist camera as `image_wrist` (if the standardisation defines one).
-    wrist: bool = False
-    # Keyword options of the standardisation function (e.g. bridge: relabel_actions, drop_first_step).
-    options: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass
-class DataConfig:
-    """A dataset or a weighted mixture, its prepared store, rewards, normalisation and loading."""
-
-    # name -> dataset; one entry for a single dataset, several for a weighted mixture.
-    datasets: dict[str, DatasetConfig] = field(default_factory=dict)
-    # Default root of the datasets (relative paths are taken from the working directory).
-    data_dir: str = "datasets"
-    # Where prepared stores go; null = beside each dataset (<data_dir>/<tfds_name>/<version>/robosteer).
-    store_root: str | None = None
-    # How actions are mapped to [-1, 1]: bounds_q99 (OpenVLA: q01/q99), bounds_q999 (V-GPS:
-    # p0.1/p99.9), bounds (min/max) or normal (mean/std). The gripper is never normalised.
-    normalization: str = "bounds_q99"
-    reward: RewardConfig = field(default_factory=RewardConfig)
-    # A truncated or corrupt shard: false = stop with an error naming the file; true = skip the
-    # rest of that shard and count it in the log.
-    skip_corrupt: bool = False
-    # Processes used to prepare the store (one shard per task).
-    prepare_workers: int = 2
-    # DataLoader worker processes for training batches.
-    num_workers: int = 2
-    # Seed of the shuffling order (the order is a function of seed, rank and step only).
-    seed: int = 42
-
-
-@dataclass
-class PrepareDataConfig:
-    """`python -m data.prepare`: build (or check) the prepared stores and their statistics."""
-
-    data: DataConfig = MISSING
-    # Rebuild the store even if a complete one for the same source and options exists.
-    force: bool = False
+PACKAGES = ("data", "values", "policies", "sim", "real_robot")
 
 
 def register() -> None:
-    """Register every schema in Hydra's ConfigStore (idempotent)."""
+    """Register every package's schemas in Hydra's ConfigStore (idempotent)."""
     from hydra.core.config_store import ConfigStore
 
     cs = ConfigStore.instance()
-    cs.store(group="data", name="schema", node=DataConfig)
-    cs.store(name="prepare_data_schema", node=PrepareDataConfig)
+    for package in PACKAGES:
+        try:
+            module = importlib.import_module(f"{package}.config")
+        except ModuleNotFoundError as err:
+            if err.name == f"{package}.config":
+                continue  # this package has no config yet
+            raise
+        module.register(cs)

@@ -18,7 +18,7 @@ import numpy as np
 from omegaconf import OmegaConf
 
 from configs.run import setup_logging
-from configs.schema import DataConfig, DatasetConfig
+from data.config import DataConfig, DatasetConfig
 from data.loader import build_datasets, make_loader
 from data.prepare import prepare_data
 from data.rlds_writer import stage_episode, write_rlds

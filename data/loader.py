@@ -29,7 +29,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from configs.errors import UserError
-from configs.schema import DataConfig, RewardConfig
+from data.config import DataConfig, RewardConfig
 from data.normalize import ActionNormalizer
 from data.prepare import PreparedDataset
 from data.rewards import label_rewards, mc_returns, steps_to_end

@@ -23,7 +23,7 @@ import numpy as np
 from tqdm import tqdm
 
 from configs.errors import UserError
-from configs.schema import DataConfig, DatasetConfig
+from data.config import DataConfig, DatasetConfig
 from data.datasets import DATASETS, Standardization
 from data.normalize import dataset_statistics, load_statistics, save_statistics
 from data.rlds import RLDSDataset, locate

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from configs.schema import RewardConfig
+from data.config import RewardConfig
 
 
 def steps_to_end(episode_lengths: np.ndarray) -> np.ndarray:

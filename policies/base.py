@@ -1,0 +1,125 @@
+"""The Policy contract (DESIGN.md) and the policy registry.
+
+    policy.reset(instruction)                       start an episode
+    policy.sample_actions(obs, k) -> (k, chunk, 7)   k candidate action chunks, canonical actions
+    policy.act(obs) -> (chunk, 7)                    the chunk to execute now
+
+Whoever runs a policy executes `act(obs)[0]` at each control step and calls `act` again at the
+next one; a policy that wants to execute a whole chunk keeps a queue inside and returns what is
+left of it (history windows, chunk queues and temporal ensembling all live inside the policy).
+`obs` is DESIGN.md's observation dict: `image_primary` uint8 (H, W, 3), optional `image_wrist`,
+optional `state` (7,) float32, `instruction` str; simulators may add `privileged` (their true
+state, for scripted experts).
+
+Batched evaluation runs N episodes at once in *slots* 0..N-1: `reset(instruction, slot=i)`,
+`act_batch(observations, slots) -> (N, chunk, 7)` and
+`sample_actions_batch(observations, k, slots) -> (N, k, chunk, 7)`. The base class implements
+them with loops over the single-episode methods; GPU policies override them with one forward pass.
+
+This module imports NumPy only: remote clients and servers are Policies too.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+from configs.errors import UserError
+from configs.registry import Registry
+
+Observation = dict[str, Any]
+ACTION_DIM = 7
+
+
+class Policy(ABC):
+    """Base class of every policy; subclasses implement `sample_actions` (and usually `reset`)."""
+
+    #: Actions per chunk returned by `act` / `sample_actions`.
+    chunk: int = 1
+
+    def __init__(self) -> None:
+        self.instructions: dict[int, str] = {}
+
+    def reset(self, instruction: str, slot: int = 0) -> None:
+        """Start a new episode in `slot`; clears that slot's history."""
+        self.instructions[slot] = instruction
+
+    @abstractmethod
+    def sample_actions(self, obs: Observation, k: int, slot: int = 0) -> np.ndarray:
+        """(k, chunk, 7) float32 candidate action chunks for `obs`, canonical actions."""
+
+    def act(self, obs: Observation, slot: int = 0) -> np.ndarray:
+        """(chunk, 7) float32: the chunk to execute; the caller executes its first action."""
+        return self.sample_actions(obs, 1, slot)[0]
+
+    def sample_actions_batch(
+        self, observations: Sequence[Observation], k: int, slots: Sequence[int] | None = None
+    ) -> np.ndarray:
+        """(N, k, chunk, 7) for N observations of N slots."""
+        slots = range(len(observations)) if slots is None else slots
+        return np.stack([self.sample_actions(o, k, s) for o, s in zip(observations, slots, strict=True)])
+
+    def act_batch(self, observations: Sequence[Observation], slots: Sequence[int] | None = None) -> np.ndarray:
+        """(N, chunk, 7) for N observations of N slots."""
+        slots = range(len(observations)) if slots is None else slots
+        return np.stack([self.act(o, s) for o, s in zip(observations, slots, strict=True)])
+
+    def close(self) -> None:  # noqa: B027 - optional hook, nothing to release by default
+        """Release resources (servers, connections, worker processes)."""
+
+
+def check_actions(actions: np.ndarray, k: int, chunk: int, who: str = "policy") -> np.ndarray:
+    """Validate a (k, chunk, 7) result: shape, finiteness; returns it as float32."""
+    actions = np.asarray(actions, dtype=np.float32)
+    if actions.shape != (k, chunk, ACTION_DIM):
+        raise ValueError(f"{who} returned actions of shape {actions.shape}, expected {(k, chunk, ACTION_DIM)}")
+    if not np.isfinite(actions).all():
+        raise ValueError(f"{who} returned NaN or infinite actions")
+    return actions
+
+
+# A factory builds a policy from its config node (a dict-like with at least `name`).
+PolicyFactory = Callable[[Any], Policy]
+POLICIES: Registry[PolicyFactory] = Registry("policy")
+
+
+def make_policy(cfg: Any) -> Policy:
+    """Build the policy named by `cfg.name` from its config."""
+    if cfg is None or "name" not in cfg:
+        raise UserError("The policy config has no `name`; choose one with policy=<name>.")
+    _import_policy_modules()
+    return POLICIES.get(cfg.name)(cfg)
+
+
+# Modules that register policies; imported on demand so that light processes stay light.
+POLICY_MODULES: list[str] = []
+
+
+def _import_policy_modules() -> None:
+    import importlib
+
+    for module in POLICY_MODULES:
+        importlib.import_module(module)
+
+
+class RandomPolicy(Policy):
+    """Uniform random canonical actions: arm deltas in +-limits, gripper open or closed."""
+
+    def __init__(self, translation: float = 0.02, rotation: float = 0.1, chunk: int = 1, seed: int = 0) -> None:
+        super().__init__()
+        self.chunk = chunk
+        self.limits = np.array([translation] * 3 + [rotation] * 3, dtype=np.float32)
+        self.rng = np.random.default_rng(seed)
+
+    def sample_actions(self, obs: Observation, k: int, slot: int = 0) -> np.ndarray:
+        arm = self.rng.uniform(-1, 1, (k, self.chunk, 6)).astype(np.float32) * self.limits
+        gripper = self.rng.integers(0, 2, (k, self.chunk, 1)).astype(np.float32)
+        return np.concatenate([arm, gripper], axis=-1)
+
+
+@POLICIES.register("random")
+def _random(cfg: Any) -> Policy:
+    return RandomPolicy(cfg.translation, cfg.rotation, cfg.chunk, cfg.seed)
