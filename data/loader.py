@@ -9,6 +9,8 @@ A batch (DESIGN.md "Transition batch"), B transitions, torch tensors:
     instruction_id          int64 (B,)                index into `dataset.instructions`
     instruction             list[str] (B)
     success, timestep       int64 (B,)                episode success (-1 unknown), step in episode
+    action_chunk            float32 (B, h, 7)         (if action_horizon h > 1) actions t .. t+h-1,
+    action_chunk_mask       bool (B, h)               normalised; past the episode's end: zeros, False
     dataset                 int64 (B,)                index of the source dataset in the mixture
 
 Order is a pure function of (seed, rank, world size, batch number): `MixtureBatchSampler` draws
@@ -47,8 +49,9 @@ class TransitionDataset(Dataset):
         episodes: np.ndarray | None = None,
         vocab: dict[str, int] | None = None,
         cameras: Sequence[str] = ("image_primary",),
+        action_horizon: int = 1,
     ) -> None:
-        self.store, self.cameras = store, tuple(cameras)
+        self.store, self.cameras, self.horizon = store, tuple(cameras), action_horizon
         keep = np.ones(store.num_episodes, bool) if episodes is None else np.asarray(episodes, bool)
         ep = np.nonzero(keep)[0]
         n_trans = store.ep_frames[ep] - 1  # transitions per kept episode
@@ -62,7 +65,10 @@ class TransitionDataset(Dataset):
         self.reward, terminal = label_rewards(to_end, is_success, reward)
         self.terminal = terminal.astype(np.float32)
         self.mc_return = mc_returns(self.reward, terminal, to_end, reward.discount)
-        self.action = normalizer.normalize(store.action[self.frame]).astype(np.float32)
+        # store.action is NaN on each episode's last frame, so NaN marks "past the end" in chunks
+        self._all_actions = normalizer.normalize(np.nan_to_num(store.action)).astype(np.float32)
+        self._all_actions[~np.isfinite(store.action[:, 0])] = np.nan
+        self.action = self._all_actions[self.frame]
         vocab = vocab if vocab is not None else {}
         for text in np.unique(store.ep_instruction[ep]):
             vocab.setdefault(str(text), len(vocab))
@@ -85,6 +91,8 @@ class TransitionDataset(Dataset):
             batch[key] = torch.from_numpy(self.store.read_images(cam, frames))
             batch[f"next_{key}"] = torch.from_numpy(self.store.read_images(cam, frames + 1))
         batch["action"] = torch.from_numpy(self.action[idx])
+        if self.horizon > 1:
+            batch.update(self._chunks(frames))
         batch["reward"] = torch.from_numpy(self.reward[idx])
         batch["terminal"] = torch.from_numpy(self.terminal[idx])
         batch["mc_return"] = torch.from_numpy(self.mc_return[idx])
@@ -93,6 +101,16 @@ class TransitionDataset(Dataset):
         batch["success"] = torch.from_numpy(self.success[idx])
         batch["timestep"] = torch.from_numpy(self.timestep[idx])
         return batch
+
+    def _chunks(self, frames: np.ndarray) -> dict[str, torch.Tensor]:
+        """Actions of frames t .. t+h-1 (same episode only), zero-padded, with their validity mask."""
+        steps = frames[:, None] + np.arange(self.horizon)[None]  # (B, h)
+        steps = np.minimum(steps, len(self._all_actions) - 1)
+        chunk = self._all_actions[steps]
+        # valid while no NaN (an episode's last frame) occurred at or before this position
+        valid = np.cumprod(np.isfinite(chunk[..., 0]), axis=1).astype(bool)
+        chunk = np.where(valid[..., None], np.nan_to_num(chunk), 0.0).astype(np.float32)
+        return {"action_chunk": torch.from_numpy(chunk), "action_chunk_mask": torch.from_numpy(valid)}
 
 
 class MixtureDataset(Dataset):
@@ -267,7 +285,7 @@ def held_out(keys: np.ndarray, fraction: float) -> np.ndarray:
 
 
 def build_datasets(
-    prepared: dict[str, PreparedDataset], data: DataConfig, split: str = "train"
+    prepared: dict[str, PreparedDataset], data: DataConfig, split: str = "train", action_horizon: int = 1
 ) -> tuple[MixtureDataset, list[float]]:
     """The mixture of `split` ("train" or "val") over every dataset of the config, and its weights.
 
@@ -286,7 +304,7 @@ def build_datasets(
             episodes = None if p.val else held_out(p.train.ep_key, p.config.val_fraction)
         if episodes is not None and not episodes.any():
             raise UserError(f"{name}: no {split} episodes (val_fraction={p.config.val_fraction}).")
-        parts.append(TransitionDataset(store, normalizer, data.reward, episodes, vocab, cams))
+        parts.append(TransitionDataset(store, normalizer, data.reward, episodes, vocab, cams, action_horizon))
         names.append(name)
         weights.append(p.config.weight)
     return MixtureDataset(parts, names), weights
