@@ -79,7 +79,10 @@ class DataConfig:
     skip_corrupt: bool = False
     # Processes used to prepare the store (one shard per task).
     prepare_workers: int = 2
-    # DataLoader worker processes for training batches.
+    # Batch builders: threads (JPEG decoding and memory-map copies release the GIL; no
+    # inter-process copy of images) or processes (torch DataLoader workers).
+    loader: str = "threads"
+    # Number of loader threads / worker processes (0: build batches in the training thread).
     num_workers: int = 2
     # Seed of the shuffling order (the order is a function of seed, rank and step only).
     seed: int = 42

@@ -23,7 +23,9 @@ workers changes nothing. Loading is deterministic (no randomness in workers).
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator, Sequence
+from collections import deque
+from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -310,6 +312,41 @@ def build_datasets(
     return MixtureDataset(parts, names), weights
 
 
+class ThreadedLoader:
+    """Builds batches in a thread pool and yields them in sampler order.
+
+    JPEG decoding (libjpeg-turbo) and NumPy copies from memory maps release the GIL, so threads
+    scale over cores without the DataLoader's inter-process copy of every image (a 256-transition
+    batch of 256x256 frames is ~100 MB). Same batches, same order as the process-based loader.
+    """
+
+    def __init__(
+        self, dataset: Dataset, batch_sampler: Iterable[list[int]], threads: int, prefetch: int, pin_memory: bool
+    ) -> None:
+        self.dataset, self.batch_sampler = dataset, batch_sampler
+        self.threads, self.prefetch, self.pin_memory = max(threads, 1), max(prefetch, 1), pin_memory
+
+    def _load(self, indices: list[int]) -> dict[str, Any]:
+        batch = self.dataset.__getitems__(indices)
+        if self.pin_memory:
+            batch = {k: v.pin_memory() if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        return batch
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        batches = iter(self.batch_sampler)
+        with ThreadPoolExecutor(self.threads, thread_name_prefix="loader") as pool:
+            pending = deque(pool.submit(self._load, b) for _, b in zip(range(self.prefetch), batches, strict=False))
+            while pending:
+                batch = pending.popleft().result()
+                upcoming = next(batches, None)
+                if upcoming is not None:
+                    pending.append(pool.submit(self._load, upcoming))
+                yield batch
+
+    def __len__(self) -> int:
+        return len(self.batch_sampler)  # type: ignore[arg-type]
+
+
 def make_loader(
     dataset: MixtureDataset,
     weights: Sequence[float],
@@ -317,17 +354,26 @@ def make_loader(
     *,
     seed: int,
     num_workers: int = 2,
+    backend: str = "threads",
     rank: int = 0,
     world_size: int = 1,
     shuffle: bool = True,
     start_batch: int = 0,
     num_batches: int | None = None,
     pin_memory: bool = False,
-) -> DataLoader:
-    """A DataLoader yielding the batches of `MixtureBatchSampler` (module docstring)."""
+) -> Iterable[dict[str, Any]]:
+    """Batches of `MixtureBatchSampler` (module docstring), built by `num_workers` threads or processes.
+
+    `backend="threads"` (default, see ThreadedLoader) or `"processes"` (torch DataLoader workers).
+    Both give the same batches in the same order; 0 workers builds batches in the calling thread.
+    """
     sampler = MixtureBatchSampler(
         dataset.sizes, weights, batch_size, seed, rank, world_size, shuffle, start_batch, num_batches
     )
+    if backend == "threads":
+        return ThreadedLoader(dataset, sampler, num_workers, prefetch=2 * max(num_workers, 1), pin_memory=pin_memory)
+    if backend != "processes":
+        raise UserError(f"Unknown loader backend {backend!r}; use threads or processes.")
     return DataLoader(
         dataset,
         batch_sampler=sampler,

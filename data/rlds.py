@@ -161,3 +161,24 @@ def _decode_feature(feature: Any, spec: FeatureSpec) -> Any:
     if spec.in_steps:
         return array.reshape((-1, *shape))
     return array.reshape(shape) if shape else array.reshape(())[()]  # a NumPy scalar of the spec's dtype
+
+
+def encode_episode(episode: dict[str, Any], specs: dict[str, FeatureSpec]) -> bytes:
+    """Serialise a flat episode as a tf.Example (the inverse of `decode_episode`), without TensorFlow.
+
+    Used by tests and tools to write shards in the exact layout TFDS produces for `specs`.
+    """
+    from data.tfrecord import example_message_class
+
+    example = example_message_class()()
+    for key, spec in specs.items():
+        value = episode[key]
+        feature = example.features.feature[key]
+        if spec.kind in ("image", "text"):
+            items = value if spec.in_steps else [value]
+            feature.bytes_list.value.extend(v.encode("utf-8") if isinstance(v, str) else bytes(v) for v in items)
+        elif np.dtype(spec.dtype).kind == "f":
+            feature.float_list.value.extend(np.asarray(value, dtype=np.float32).ravel().tolist())
+        else:
+            feature.int64_list.value.extend(np.asarray(value).astype(np.int64).ravel().tolist())
+    return example.SerializeToString()

@@ -88,7 +88,9 @@ def write_rlds(
     """Write the staged episodes as `<data_dir>/<name>/<version>/` in a TensorFlow subprocess.
 
     `splits` maps split names to staged keys; by default every staged episode goes to `split`.
-    Episodes keep the order of their keys. Returns the dataset directory.
+    As in datasets built by TFDS, episodes are stored in the order of a hash of their key (so readers
+    may use `shuffle_files=True`); match episodes by a metadata field, not by position.
+    Returns the dataset directory.
     """
     splits = splits or {split: staged_keys(staging)}
     root = Path(data_dir) / name / version
@@ -198,7 +200,7 @@ def _run_job(job: dict[str, Any]) -> None:
         split_datasets={split: list(examples(keys)) for split, keys in job["splits"].items()},
         data_dir=job["data_dir"],
         file_format=job["file_format"],
-        disable_shuffling=True,
+        disable_shuffling=False,  # TFDS orders episodes by a hash of their key, as real datasets are
     )
 
 

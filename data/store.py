@@ -115,7 +115,11 @@ def build_chunk(task: ShardTask) -> ChunkCounts:
     try:
         for index, raw in enumerate(episodes):
             counts.episodes_read += 1
-            canon = std.fn({k: raw[k] for k in task.keys}, **task.spec.options)
+            inputs = {k: raw[k] for k in task.keys}
+            if not _finite(inputs):  # before standardising: binarisation would hide a NaN gripper
+                counts.dropped_nonfinite += 1
+                continue
+            canon = std.fn(inputs, **task.spec.options)
             reason = _reject(canon)
             if reason:
                 setattr(counts, reason, getattr(counts, reason) + 1)
@@ -134,6 +138,11 @@ def build_chunk(task: ShardTask) -> ChunkCounts:
 
 def _opt(key: str | None) -> tuple[str, ...]:
     return (key,) if key else ()
+
+
+def _finite(raw: dict[str, object]) -> bool:
+    """True if every float feature of the raw episode is finite."""
+    return all(np.isfinite(v).all() for v in raw.values() if isinstance(v, np.ndarray) and v.dtype.kind == "f")
 
 
 def _reject(canon: Canonical) -> str:

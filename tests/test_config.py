@@ -1,0 +1,74 @@
+"""Registries, config composition and entry-point behaviour on bad input."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from configs import CONFIG_DIR
+from configs.registry import Registry, UnknownNameError
+from configs.run import check_group_choices
+from configs.schema import register
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_registry_suggests_and_lists() -> None:
+    reg = Registry[int]("widget")
+    reg.register("bridge")(1)
+    reg.register("fractal")(2)
+    assert reg.get("bridge") == 1 and reg.names() == ["bridge", "fractal"] and "fractal" in reg
+    with pytest.raises(UnknownNameError) as err:
+        reg.get("bridg")
+    assert str(err.value) == "Unknown widget 'bridg'. Did you mean 'bridge'? Known: bridge, fractal."
+    with pytest.raises(UnknownNameError, match=r"'zzz'\. Known: bridge, fractal"):
+        reg.get("zzz")
+    with pytest.raises(ValueError, match="registered twice"):
+        reg.register("bridge")(3)
+
+
+def test_group_choices_are_checked() -> None:
+    check_group_choices(["data=bridge", "data.data_dir=/x", "force=true"])
+    with pytest.raises(UnknownNameError, match="Did you mean 'bridge'"):
+        check_group_choices(["data=brige"])
+
+
+def test_configs_compose_with_overrides() -> None:
+    register()
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
+        cfg = compose("prepare_data", overrides=["data=bridge", "data.reward.discount=0.9", "data.data_dir=/d"])
+    ds = cfg.data.datasets.bridge
+    assert (ds.standardize, ds.tfds_name, ds.version) == ("bridge", "bridge_dataset", "1.0.0")
+    assert cfg.data.reward.discount == 0.9 and cfg.data.reward.success_steps == 3
+    with (
+        initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None),
+        pytest.raises(Exception, match="discount"),
+    ):
+        compose("prepare_data", overrides=["data.reward.discount=not-a-number"])
+
+
+def _run(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "data.prepare", *args], cwd=cwd, capture_output=True, text=True, timeout=120,
+        env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"},
+    )  # fmt: skip
+
+
+def test_missing_bridge_fails_cleanly_and_writes_nothing(tmp_path: Path) -> None:
+    data_dir = tmp_path / "tfds"
+    data_dir.mkdir()
+    proc = _run(["data=bridge", f"data.data_dir={data_dir}"], cwd=tmp_path)
+    assert proc.returncode == 2
+    assert f"{data_dir}/bridge_dataset/1.0.0" in proc.stderr
+    assert "wget" in proc.stderr and "Traceback" not in proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tfds"] and not any(data_dir.iterdir())
+
+
+def test_unknown_config_option_suggests(tmp_path: Path) -> None:
+    proc = _run(["data=brige"], cwd=tmp_path)
+    assert proc.returncode == 2
+    assert "Did you mean 'bridge'?" in proc.stderr and "Traceback" not in proc.stderr
