@@ -72,7 +72,9 @@ def test_counts_and_skips(prepared) -> None:
 def test_batches_match_the_raw_episodes(prepared, staged) -> None:
     cfg, p = prepared
     train, _ = build_datasets(p, cfg, "train")
-    keys = [k for k in TRAIN if k != NO_LANGUAGE]
+    by_path = {staged[k]["episode_metadata/file_path"]: k for k in TRAIN}
+    keys = [by_path[path] for path in p["bridge"].train.ep_key]  # the store's episode order
+    assert NO_LANGUAGE not in keys and len(keys) == len(TRAIN) - 1
     want = expected_transitions(staged, keys)
     assert len(train) == len(want["action"])
     normalizer = ActionNormalizer(p["bridge"].stats, "bounds_q99")
