@@ -7,11 +7,12 @@ directory itself once it knows it can run, and only then adds a log file there.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import random
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -49,13 +50,24 @@ def setup_logging(level: int = logging.INFO) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-def add_log_file(run_dir: Path, name: str = "log.txt") -> Path:
-    """Also write the logs to `run_dir/name` (call once the run directory exists)."""
+@contextlib.contextmanager
+def log_file(run_dir: Path, name: str = "log.txt") -> Iterator[Path]:
+    """Also write INFO logs to `run_dir/name` while the block runs (call once the directory exists)."""
     path = Path(run_dir) / name
     handler = logging.FileHandler(path)
     handler.setFormatter(logging.Formatter(LOG_FORMAT, "%Y-%m-%d %H:%M:%S"))
-    logging.getLogger().addHandler(handler)
-    return path
+    handler.setLevel(logging.INFO)
+    root = logging.getLogger()
+    previous = root.level
+    root.addHandler(handler)
+    if root.getEffectiveLevel() > logging.INFO:
+        root.setLevel(logging.INFO)
+    try:
+        yield path
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(previous)
+        handler.close()
 
 
 def new_run_dir(root: str | Path, job: str, name: str | None = None) -> Path:

@@ -70,6 +70,8 @@ class DataConfig:
     data_dir: str = "datasets"
     # Where prepared stores go; null = beside each dataset (<data_dir>/<tfds_name>/<version>/robosteer).
     store_root: str | None = None
+    # If set, the image size of every dataset (overrides data.datasets.<name>.image_size).
+    image_size: int | None = None
     # How actions are mapped to [-1, 1]: bounds_q99 (OpenVLA: q01/q99), bounds_q999 (V-GPS:
     # p0.1/p99.9), bounds (min/max) or normal (mean/std). The gripper is never normalised.
     normalization: str = "bounds_q99"

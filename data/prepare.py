@@ -93,13 +93,14 @@ def _prepare_split(
     name: str, ds: DatasetConfig, data: DataConfig, std: Standardization, rlds: RLDSDataset, split: str, force: bool
 ) -> Store:
     cameras = _cameras(name, ds, std)
+    image_size = data.image_size if data.image_size is not None else ds.image_size
     spec = StoreSpec(
         source=str(rlds.root.resolve()),
         split=split,
         standardize=std.name,
         options={**std.options, **ds.options},
         cameras=cameras,
-        image_size=ds.image_size,
+        image_size=image_size,
         image_format=ds.image_format,
     )
     root = Path(data.store_root) / ds.tfds_name / ds.version if data.store_root else rlds.root / "robosteer"
@@ -125,7 +126,7 @@ def _prepare_split(
         )
     corrupt = [s["corrupt"] for t in tasks if (s := _summary(t.out))["corrupt"]]
     first = rlds.features[std.images[cameras[0]]].shape
-    shape = (ds.image_size, ds.image_size, 3) if ds.image_size else tuple(first)
+    shape = (image_size, image_size, 3) if image_size else tuple(first)
     meta = {
         "format": STORE_FORMAT,
         "name": name,

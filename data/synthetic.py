@@ -125,3 +125,29 @@ def sim_episode(
     if wrist_images is not None:
         episode["steps/observation/image_wrist"] = list(wrist_images)
     return episode
+
+
+def reaching_episode(
+    rng: np.random.Generator, episode_id: int, success: bool, image_size: int = 64, length: int = 20
+) -> dict[str, Any]:
+    """A robosteer-sim episode of a toy reaching task with learnable structure.
+
+    The gripper starts near the table centre; a successful episode moves it to a goal region in
+    front (+x) and closes the gripper there; a failed one wanders in the other direction. Images
+    show the gripper, so a value function can tell the two apart from pixels and actions.
+    """
+    T = length
+    direction = np.array([1.0, 0.0, -0.3]) if success else np.array([-0.6, rng.choice([-1.0, 1.0]), 0.2])
+    steps = direction * 0.006 + rng.normal(0, 0.001, (T - 1, 3))
+    positions = np.concatenate([[[0.3, 0.0, 0.15]], np.array([0.3, 0.0, 0.15]) + np.cumsum(steps, 0)])
+    gripper = np.ones(T, np.float32)
+    if success:
+        gripper[-4:] = 0.0
+    state = np.zeros((T, 7), np.float32)
+    state[:, :3], state[:, 6] = positions, gripper
+    action = np.zeros((T - 1, 7), np.float32)
+    action[:, :3] = steps
+    action[:, 6] = gripper[1:]
+    images = [imagelib.encode_jpeg(render_state(s, image_size)) for s in state]
+    instruction = ("reach forward", "move the gripper forward")[episode_id % 2]
+    return sim_episode(images, state, action, instruction, success, "reach", 1000 + episode_id, episode_id)

@@ -1,0 +1,162 @@
+"""Hand-computed reference values for every loss term, and network invariants."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import distributions as D
+
+from data.augment import augment_pair
+from values.agent import UNIFORM_LOG_DENSITY, step_generator
+from values.calql import (
+    calql_lower_bound,
+    cql_logsumexp,
+    max_target_backup,
+    sac_actor_loss,
+    td_loss,
+    td_target,
+    temperature_loss,
+)
+from values.config import EncoderConfig
+from values.iql import awr_loss, expectile_loss, q_loss
+from values.language import HashEncoder
+from values.metrics import average_ranks, matched_auc, spearman
+from values.networks import Actor, Critic, EnsembleMLP, FiLMResNet, soft_update
+
+T = torch.tensor
+
+
+def test_td_target_and_max_backup() -> None:
+    # two critics, two states, three sampled next actions
+    target_q = T([[[1.0, 5.0, 2.0], [0.0, -1.0, -2.0]], [[2.0, 4.0, 3.0], [1.0, -3.0, 0.0]]])
+    # min over critics: [[1, 4, 2], [0, -3, -2]] -> max over samples: [4, 0]
+    assert max_target_backup(target_q).tolist() == [4.0, 0.0]
+    y = td_target(T([-1.0, 0.0]), T([0.0, 1.0]), T([4.0, 0.0]), 0.98)
+    assert y.tolist() == pytest.approx([-1 + 0.98 * 4, 0.0])
+    # ((1 - 2)^2 + (3 - 0)^2 + (2 - 2)^2 + (0 - 0)^2) / 4 = 2.5
+    assert td_loss(T([[1.0, 3.0], [2.0, 0.0]]), T([2.0, 0.0])).item() == pytest.approx(2.5)
+
+
+def test_calql_bound() -> None:
+    q_pi = T([[[-5.0, -1.0], [0.0, -10.0]]])  # (E=1, B=2, n=2)
+    bounded, rate = calql_lower_bound(q_pi, T([-2.0, -3.0]))
+    assert bounded.tolist() == [[[-2.0, -1.0], [0.0, -3.0]]]
+    assert rate.item() == pytest.approx(0.5)  # two of four values were below their MC return
+
+
+def test_cql_logsumexp_importance_sampled() -> None:
+    q_rand, q_cur, q_next, q_data = T([[[0.0]]]), T([[[1.0]]]), T([[[2.0]]]), T([[3.0]])
+    logp_cur, logp_next = T([[0.5]]), T([[1.0]])
+    got = cql_logsumexp(q_rand, q_cur, logp_cur, q_next, logp_next, q_data, temp=1.0, importance_sample=True)
+    want = math.log(math.exp(0.0 - 7 * math.log(0.5)) + math.exp(2.0 - 1.0) + math.exp(1.0 - 0.5))
+    assert got.item() == pytest.approx(want, rel=1e-6)
+    assert pytest.approx(7 * math.log(0.5)) == UNIFORM_LOG_DENSITY
+    plain = cql_logsumexp(q_rand, q_cur, logp_cur, q_next, logp_next, q_data, temp=2.0, importance_sample=False)
+    want = 2 * math.log(sum(math.exp(v / 2) for v in (0.0, 3.0, 1.0, 2.0)))
+    assert plain.item() == pytest.approx(want, rel=1e-6)
+
+
+def test_actor_and_temperature_losses() -> None:
+    log_alpha = torch.tensor(math.log(0.5), requires_grad=True)
+    logp = T([[-1.0, 2.0]])  # (B=1, n=2)
+    q_pi = T([[[1.0, 0.0]], [[3.0, -2.0]]])  # (E=2, B=1, n=2): min over critics [1, -2]
+    # mean(0.5 * [-1, 2] - [1, -2]) = mean([-1.5, 3]) = 0.75
+    assert sac_actor_loss(log_alpha, logp, q_pi).item() == pytest.approx(0.75)
+    loss = temperature_loss(log_alpha, logp, target_entropy=-7.0)
+    assert loss.item() == pytest.approx(-math.log(0.5) * ((-1 - 7) + (2 - 7)) / 2)
+    loss.backward()  # d/dlog_alpha = -mean(logp + target_entropy) = 6.5: alpha grows when entropy is low
+    assert log_alpha.grad.item() == pytest.approx(6.5)
+
+
+def test_iql_losses() -> None:
+    # diff = [1, -2], tau = 0.7: (0.7 * 1 + 0.3 * 4) / 2 = 0.95
+    assert expectile_loss(T([1.0, -2.0]), 0.7).item() == pytest.approx(0.95)
+    loss, target = q_loss(T([[0.0, 1.0]]), T([-1.0, 0.0]), T([0.0, 1.0]), T([2.0, 5.0]), 0.5)
+    assert target.tolist() == [0.0, 0.0] and loss.item() == pytest.approx(0.5)
+    loss, weight = awr_loss(T([0.0, math.log(2.0), 10.0]), T([-1.0, -2.0, -3.0]), 1.0)
+    assert weight.tolist() == pytest.approx([1.0, 2.0, 100.0])  # exp(10) clipped at 100
+    assert loss.item() == pytest.approx(-(1 * -1 + 2 * -2 + 100 * -3) / 3)
+
+
+def test_tanh_gaussian_log_prob_matches_torch_distributions() -> None:
+    actor = Actor(FiLMResNet(EncoderConfig(arch="resnet10t"), 8), [16], tanh_squash=True)
+    mean, std = T([[0.3, -1.0, 2.0, 0.0, 0.5, -0.2, 4.0]]), T([[0.5, 1.0, 0.2, 2.0, 0.1, 1.5, 0.3]])
+    a, logp = actor.sample(mean, std, n=5, generator=torch.Generator().manual_seed(0))
+    reference = D.TransformedDistribution(D.Independent(D.Normal(mean, std), 1), [D.TanhTransform(cache_size=1)])
+    u = torch.atanh(a.clamp(-1 + 1e-6, 1 - 1e-6))
+    expected = D.Independent(D.Normal(mean, std), 1).log_prob(u) - torch.log1p(-a.pow(2) + 1e-12).sum(-1)
+    assert a.shape == (5, 1, 7) and a.abs().max() < 1
+    close = (a.abs() < 0.999).all(-1)  # atanh is ill-conditioned near +-1
+    torch.testing.assert_close(logp[close], expected[close], rtol=1e-3, atol=1e-3)
+    assert reference.log_prob(a[0]).shape == (1,)
+
+
+def test_ensemble_members_are_independent_mlps() -> None:
+    torch.manual_seed(0)
+    mlp = EnsembleMLP(3, 5, [4], 2)
+    x = torch.randn(6, 5)
+    out = mlp(x)
+    for e in range(3):
+        h = torch.nn.functional.silu(x @ mlp.weights[0][e] + mlp.biases[0][e])
+        torch.testing.assert_close(out[e], h @ mlp.weights[1][e] + mlp.biases[1][e])
+
+
+def test_critic_shapes_film_identity_and_batched_actions() -> None:
+    torch.manual_seed(0)
+    enc = FiLMResNet(EncoderConfig(arch="resnet10t"), cond_dim=8)
+    critic = Critic(enc, [16, 16], ensemble=2).eval()
+    images = torch.randint(0, 255, (3, 32, 32, 3), dtype=torch.uint8)
+    lang, actions = torch.randn(3, 8), torch.rand(3, 4, 7) * 2 - 1
+    with torch.no_grad():
+        emb = critic.embed(images, lang)
+        assert torch.equal(emb, critic.embed(images, torch.zeros(3, 8)))  # zero-init FiLM: no effect yet
+        many = critic.q_from_embedding(emb, actions)
+        assert many.shape == (2, 3, 4)
+        for j in range(4):
+            torch.testing.assert_close(many[:, :, j], critic.q(images, lang, actions[:, j]))
+    params = sum(p.numel() for p in Critic(FiLMResNet(EncoderConfig(), 512), [256, 256], 2).parameters())
+    assert params / 1e6 == pytest.approx(25.6, abs=0.1)  # V-GPS: 25.6M
+
+
+def test_soft_update() -> None:
+    a, b = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+    before = a.weight.detach().clone()
+    soft_update(a, b, 0.25)
+    torch.testing.assert_close(a.weight, 0.75 * before + 0.25 * b.weight.detach())
+
+
+def test_metrics_reference_values() -> None:
+    np.testing.assert_array_equal(average_ranks(np.array([3.0, 1.0, 3.0, 2.0])), [3.5, 1, 3.5, 2])
+    # t=0: success 2.0 vs failure 1.0 (win); t=1: success 0.0 vs failures 1.0 (loss) and 0.0 (tie)
+    q = np.array([2.0, 1.0, 0.0, 1.0, 0.0])
+    success = np.array([True, False, True, False, False])
+    t = np.array([0, 0, 1, 1, 1])
+    assert matched_auc(q, success, t) == pytest.approx((1 + 0 + 0.5) / 3)
+    assert math.isnan(matched_auc(q, np.ones(5, bool), t))
+    assert spearman(np.array([1.0, 2, 3]), np.array([10.0, 20, 30])) == pytest.approx(1.0)
+    assert spearman(np.array([1.0, 2, 3]), np.array([3.0, 2, 1])) == pytest.approx(-1.0)
+
+
+def test_augmentation_is_deterministic_consistent_and_identity_at_zero() -> None:
+    img = torch.randint(0, 256, (4, 32, 32, 3), dtype=torch.uint8)
+    a1, b1 = augment_pair(img, img.clone(), step_generator(0, 5, torch.device("cpu")))
+    a2, _ = augment_pair(img, img.clone(), step_generator(0, 5, torch.device("cpu")))
+    assert torch.equal(a1, a2) and torch.equal(a1, b1)  # same step -> same result; s and s' alike
+    assert a1.dtype == torch.uint8 and a1.shape == img.shape and not torch.equal(a1, img)
+    same, _ = augment_pair(
+        img, img, torch.Generator().manual_seed(1), scale=(1, 1), ratio=(1, 1), brightness=0.0,
+        contrast=(1, 1), saturation=(1, 1), hue=0.0,
+    )  # fmt: skip
+    assert (same.int() - img.int()).abs().max() <= 1  # only colour-space round-off
+
+
+def test_hash_language_encoder() -> None:
+    enc = HashEncoder(dim=64)
+    e = enc.embed(["pick up the cube", "pick up the cube", "pick up the red cube", "open the drawer"])
+    np.testing.assert_array_equal(e[0], e[1])
+    np.testing.assert_allclose(np.linalg.norm(e, axis=1), 1, rtol=1e-5)
+    assert e[0] @ e[2] > e[0] @ e[3]  # shared words -> closer
+    np.testing.assert_array_equal(HashEncoder(dim=64).embed(["pick up the cube"])[0], e[0])  # stable

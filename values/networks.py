@@ -1,0 +1,197 @@
+"""Networks of value learning: FiLM ResNet encoder, ensemble Q heads, actor, value (reference/vgps.md).
+
+V-GPS's critic (`resnetv1-34-bridge-film`, 25.6M parameters): a ResNet-34 with GroupNorm(4) and
+swish, two coordinate channels appended to the RGB input (pixels in [-1, 1]), zero-initialised FiLM
+`x * (1 + gamma(l)) + beta(l)` after every residual block, global average pooling; the embedding is
+concatenated with the 7-D normalised action and fed to 2 MLP heads [256, 256] (swish, no LayerNorm)
+with one scalar output each. Here the ResNet comes from timm and the heads of the ensemble are one
+batched matmul.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Sequence
+
+import timm
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from values.config import EncoderConfig
+
+ACTION_DIM = 7
+
+
+def _group_norm(groups: int):
+    return lambda channels, **kw: nn.GroupNorm(groups, channels, **kw)
+
+
+def images_to_input(images: torch.Tensor, coord_channels: bool, channels_last: bool) -> torch.Tensor:
+    """uint8 (B, H, W, 3) -> float (B, 3 [+2], H, W) in [-1, 1] (+ x, y coordinate channels)."""
+    x = images.permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)  # HWC -> CHW
+    if coord_channels:
+        B, _, H, W = x.shape
+        ys = torch.linspace(-1, 1, H, device=x.device).view(1, 1, H, 1).expand(B, 1, H, W)
+        xs = torch.linspace(-1, 1, W, device=x.device).view(1, 1, 1, W).expand(B, 1, H, W)
+        x = torch.cat([x, xs, ys], dim=1)
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
+class FiLM(nn.Module):
+    """x * (1 + gamma) + beta with gamma, beta linear in the conditioning; zero-initialised (identity)."""
+
+    def __init__(self, cond_dim: int, channels: int) -> None:
+        super().__init__()
+        self.proj = nn.Linear(cond_dim, 2 * channels)
+        nn.init.zeros_(self.proj.weight)
+        nn.init.zeros_(self.proj.bias)
+
+    def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        gamma, beta = self.proj(cond).to(x.dtype)[:, :, None, None].chunk(2, dim=1)  # (B, C, 1, 1) each
+        return x * (1 + gamma) + beta
+
+
+class FiLMResNet(nn.Module):
+    """uint8 images (B, H, W, 3) + instruction embeddings (B, D) -> (B, out_dim) features."""
+
+    def __init__(self, cfg: EncoderConfig, cond_dim: int, channels_last: bool = False) -> None:
+        super().__init__()
+        self.coord, self.channels_last = cfg.coord_channels, channels_last
+        kwargs = {"act_layer": nn.SiLU if cfg.act == "silu" else nn.ReLU}
+        if cfg.norm_groups:
+            kwargs["norm_layer"] = _group_norm(cfg.norm_groups)
+        self.net = timm.create_model(
+            cfg.arch, pretrained=False, num_classes=0, global_pool="", in_chans=3 + 2 * cfg.coord_channels, **kwargs
+        )
+        self.blocks = [block for name in ("layer1", "layer2", "layer3", "layer4") for block in getattr(self.net, name)]
+        self.films = nn.ModuleList(FiLM(cond_dim, _out_channels(b)) for b in self.blocks)
+        self.out_dim = int(self.net.num_features)
+
+    def forward(self, images: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        net = self.net
+        x = images_to_input(images, self.coord, self.channels_last)
+        x = net.maxpool(net.act1(net.bn1(net.conv1(x))))
+        for block, film in zip(self.blocks, self.films, strict=True):
+            x = film(block(x), cond)
+        return x.float().mean(dim=(2, 3))
+
+
+def _out_channels(block: nn.Module) -> int:
+    last = getattr(block, "conv3", None) or block.conv2  # Bottleneck or BasicBlock
+    return int(last.out_channels)
+
+
+class EnsembleMLP(nn.Module):
+    """E independent MLPs evaluated with batched matmuls: (E, N, in) or (N, in) -> (E, N, out)."""
+
+    def __init__(self, ensemble: int, in_dim: int, hidden: Sequence[int], out_dim: int) -> None:
+        super().__init__()
+        dims = [in_dim, *hidden, out_dim]
+        self.weights = nn.ParameterList()
+        self.biases = nn.ParameterList()
+        for fan_in, fan_out in itertools.pairwise(dims):
+            bound = 1 / math.sqrt(fan_in)  # torch.nn.Linear's default initialisation, per member
+            self.weights.append(nn.Parameter(torch.empty(ensemble, fan_in, fan_out).uniform_(-bound, bound)))
+            self.biases.append(nn.Parameter(torch.empty(ensemble, 1, fan_out).uniform_(-bound, bound)))
+        self.ensemble = ensemble
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 2:
+            x = x.unsqueeze(0).expand(self.ensemble, -1, -1)
+        for i, (w, b) in enumerate(zip(self.weights, self.biases, strict=True)):
+            x = torch.baddbmm(b, x, w)  # (E, N, in) @ (E, in, out) + (E, 1, out)
+            if i < len(self.weights) - 1:
+                x = F.silu(x)
+        return x
+
+
+class Critic(nn.Module):
+    """Q(s, a, l): FiLM encoder shared by an ensemble of heads over [embedding, normalised action]."""
+
+    def __init__(self, encoder: FiLMResNet, hidden: Sequence[int], ensemble: int) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.heads = EnsembleMLP(ensemble, encoder.out_dim + ACTION_DIM, hidden, 1)
+
+    def embed(self, images: torch.Tensor, lang: torch.Tensor) -> torch.Tensor:
+        """(B, H, W, 3) uint8, (B, D) -> (B, F)."""
+        return self.encoder(images, lang)
+
+    def q_from_embedding(self, emb: torch.Tensor, actions: torch.Tensor, frozen: bool = False) -> torch.Tensor:
+        """(B, F) and (B, 7) -> (E, B); or (B, N, 7) -> (E, B, N) (N actions per state).
+
+        `frozen`: use detached head weights, so a loss on the result trains only what produced
+        `actions` (the actor), not the critic.
+        """
+        per_state = actions.dim() == 3
+        B, N = actions.shape[0], actions.shape[1] if per_state else 1
+        # every action sees its state's embedding: (B, F) -> (B * N, F)
+        rows = emb.repeat_interleave(N, dim=0) if per_state else emb
+        x = torch.cat([rows, actions.reshape(B * N, ACTION_DIM).to(rows.dtype)], dim=-1)
+        if frozen:
+            params = {name: p.detach() for name, p in self.heads.named_parameters()}
+            q = torch.func.functional_call(self.heads, params, (x,))
+        else:
+            q = self.heads(x)
+        return q.view(-1, B, N) if per_state else q.view(-1, B)
+
+    def q(self, images: torch.Tensor, lang: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+        """The Critic contract: (B, H, W, 3), (B, D), normalised (B, 7) -> (ensemble, B)."""
+        return self.q_from_embedding(self.embed(images, lang), actions)
+
+
+class Actor(nn.Module):
+    """Gaussian policy over normalised actions, tanh-squashed (SAC / Cal-QL) or not (IQL's AWR)."""
+
+    def __init__(self, encoder: FiLMResNet, hidden: Sequence[int], tanh_squash: bool = True) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.mlp = EnsembleMLP(1, encoder.out_dim, hidden, 2 * ACTION_DIM)
+        self.tanh_squash = tanh_squash
+
+    def forward(self, images: torch.Tensor, lang: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> mean (B, 7) and std (B, 7) of the pre-squash Gaussian ("exp" std, log-std in [-20, 2])."""
+        mean, log_std = self.mlp(self.encoder(images, lang))[0].float().chunk(2, dim=-1)
+        return mean, log_std.clamp(-20.0, 2.0).exp()
+
+    def sample(
+        self, mean: torch.Tensor, std: torch.Tensor, n: int, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """n reparameterised samples: actions (n, B, 7) and their log-probabilities (n, B)."""
+        noise = torch.randn((n, *mean.shape), device=mean.device, generator=generator)
+        u = mean + std * noise
+        log_prob = (-0.5 * noise**2 - std.log() - 0.5 * math.log(2 * math.pi)).sum(-1)
+        if not self.tanh_squash:
+            return u, log_prob
+        # log|d tanh(u)/du| = log(1 - tanh(u)^2) = 2 (log 2 - u - softplus(-2u)), stable for large |u|
+        log_prob = log_prob - (2 * (math.log(2) - u - F.softplus(-2 * u))).sum(-1)
+        return torch.tanh(u), log_prob
+
+    def log_prob(self, mean: torch.Tensor, std: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+        """log pi(a|s) of given actions (B, 7) -> (B,) (un-squashed Gaussian only)."""
+        if self.tanh_squash:
+            raise ValueError("log_prob of dataset actions is only used by IQL's Gaussian actor")
+        z = (actions - mean) / std
+        return (-0.5 * z**2 - std.log() - 0.5 * math.log(2 * math.pi)).sum(-1)
+
+
+class ValueNet(nn.Module):
+    """V(s, l) for IQL: FiLM encoder + MLP -> (B,)."""
+
+    def __init__(self, encoder: FiLMResNet, hidden: Sequence[int]) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.mlp = EnsembleMLP(1, encoder.out_dim, hidden, 1)
+
+    def forward(self, images: torch.Tensor, lang: torch.Tensor) -> torch.Tensor:
+        return self.mlp(self.encoder(images, lang))[0, :, 0].float()
+
+
+@torch.no_grad()
+def soft_update(target: nn.Module, source: nn.Module, rate: float) -> None:
+    """Polyak averaging: target <- (1 - rate) target + rate source (parameters; buffers copied)."""
+    torch._foreach_lerp_(list(target.parameters()), list(source.parameters()), rate)
+    for t, s in zip(target.buffers(), source.buffers(), strict=True):
+        t.copy_(s)

@@ -1,0 +1,258 @@
+"""`train_value.py`: offline value learning (Cal-QL or IQL) on prepared RLDS data.
+
+The loop: batch (loader position = step, so resume is exact) -> device, instruction embeddings from
+a table computed once -> optional negative-instruction relabelling and augmentation (both drawn from
+a per-step generator) -> `agent.update` -> logs, validation, checkpoints. Under torchrun each rank
+trains on its shard with batch_size / world_size and gradients are averaged (values/agent.py).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import OmegaConf
+from tqdm import tqdm
+
+from configs.checkpoint import latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint
+from configs.errors import UserError
+from configs.registry import Registry
+from configs.run import log_file, new_run_dir, save_config
+from data.augment import augment_pair
+from data.loader import MixtureDataset, build_datasets, make_loader
+from data.prepare import prepare_data
+from values.agent import Agent, step_generator
+from values.config import TrainValueConfig, ValueConfig
+from values.language import EmbeddingCache, make_language_encoder
+from values.metrics import matched_auc, spearman
+
+log = logging.getLogger(__name__)
+AGENTS: Registry[str] = Registry("value algorithm")
+AGENTS.register("calql")("values.calql.CalQLAgent")
+AGENTS.register("iql")("values.iql.IQLAgent")
+
+
+def make_agent(cfg: ValueConfig, lang_dim: int, discount: float, seed: int, channels_last: bool) -> Agent:
+    import importlib
+
+    module, _, name = AGENTS.get(cfg.algo).rpartition(".")
+    return getattr(importlib.import_module(module), name)(cfg, lang_dim, discount, seed, channels_last)
+
+
+@dataclass
+class Distributed:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_distributed(device: str) -> Distributed:
+    """torchrun sets WORLD_SIZE / RANK / LOCAL_RANK; a single process needs nothing."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return Distributed()
+    import torch.distributed as dist
+
+    use_cuda = device != "cpu" and torch.cuda.is_available()
+    dist.init_process_group("nccl" if use_cuda else "gloo")
+    info = Distributed(dist.get_rank(), world, int(os.environ.get("LOCAL_RANK", "0")))
+    if use_cuda:
+        torch.cuda.set_device(info.local_rank)
+    return info
+
+
+def resolve_device(name: str, dist: Distributed) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError("device=cuda but no CUDA device is available; use device=cpu or device=auto.")
+        return torch.device("cuda", dist.local_rank)
+    return torch.device(name)
+
+
+# --- batches ----------------------------------------------------------------------------------
+
+
+def to_device(batch: dict[str, Any], lang_table: torch.Tensor, device: torch.device) -> dict[str, torch.Tensor]:
+    """Move the tensors the agent needs; `lang` (B, D) comes from the embedding table by instruction id."""
+    keys = ("image", "next_image", "action", "reward", "terminal", "mc_return", "instruction_id", "success", "timestep")
+    out = {k: batch[k].to(device, non_blocking=True) for k in keys}
+    out["lang"] = lang_table[out["instruction_id"]]
+    return out
+
+
+def relabel_negatives(
+    batch: dict[str, torch.Tensor], lang_table: torch.Tensor, proportion: float, step_reward: float,
+    discount: float, g: torch.Generator,
+) -> dict[str, torch.Tensor]:  # fmt: skip
+    """V-GPS negatives: give a fraction of the rows another instruction; they become failures."""
+    V = lang_table.shape[0]
+    if proportion <= 0 or V < 2:
+        return batch
+    B = batch["action"].shape[0]
+    chosen = torch.rand(B, generator=g, device=lang_table.device) < proportion
+    shift = torch.randint(1, V, (B,), generator=g, device=lang_table.device)  # never the same instruction
+    new_id = torch.where(chosen, (batch["instruction_id"] + shift) % V, batch["instruction_id"])
+    out = dict(batch, instruction_id=new_id, lang=lang_table[new_id])
+    out["reward"] = torch.where(chosen, torch.full_like(batch["reward"], step_reward), batch["reward"])
+    out["terminal"] = torch.where(chosen, torch.zeros_like(batch["terminal"]), batch["terminal"])
+    failure_return = step_reward / (1 - discount)  # V-GPS: -1 / (1 - gamma)
+    out["mc_return"] = torch.where(chosen, torch.full_like(batch["mc_return"], failure_return), batch["mc_return"])
+    return out
+
+
+# --- validation -------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def validate(agent: Agent, data: MixtureDataset, weights: list[float], lang_table: torch.Tensor,
+             cfg: TrainValueConfig, device: torch.device) -> dict[str, float]:  # fmt: skip
+    """TD error on held-out transitions; success-vs-failure AUC and MC-return correlation of Q."""
+    loader = make_loader(
+        data, weights, cfg.batch_size, seed=cfg.seed + 1, num_workers=cfg.data.num_workers,
+        backend=cfg.data.loader, num_batches=cfg.val_batches,
+    )  # fmt: skip
+    sums: dict[str, float] = {}
+    q, success, timestep, mc = [], [], [], []
+    for i, raw in enumerate(loader):
+        batch = to_device(raw, lang_table, device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=agent.autocast):
+            _, metrics = agent.losses(batch, step_generator(cfg.seed + 1, i, device))
+            q.append(agent.target.q(batch["image"], batch["lang"], batch["action"]).float().min(0).values.cpu())
+        for name in ("td_error", "q_data"):
+            sums[name] = sums.get(name, 0.0) + float(metrics[name])
+        success.append(raw["success"])
+        timestep.append(raw["timestep"])
+        mc.append(raw["mc_return"])
+    n = max(i + 1, 1)
+    out = {f"val/{k}": v / n for k, v in sums.items()}
+    qs, ok, ts, mcs = (torch.cat(x).numpy() for x in (q, success, timestep, mc))
+    known = ok >= 0
+    if known.any() and len(np.unique(ok[known])) == 2:
+        out["val/auc_success_matched"] = matched_auc(qs[known], ok[known] == 1, ts[known])
+    out["val/spearman_mc_return"] = spearman(qs, mcs)
+    return out
+
+
+# --- the run ----------------------------------------------------------------------------------
+
+
+def train_value(cfg: TrainValueConfig) -> Path:
+    """Train; returns the run directory. Inputs are validated before anything is written."""
+    dist = setup_distributed(cfg.device)
+    device = resolve_device(cfg.device, dist)
+    if cfg.batch_size % dist.world:
+        raise UserError(f"batch_size={cfg.batch_size} must be divisible by the {dist.world} ranks.")
+    prepared = prepare_data(cfg.data)
+    train_data, weights = build_datasets(prepared, cfg.data, "train")
+    val_data, val_weights = build_datasets(prepared, cfg.data, "val")
+    run_dir = Path(cfg.resume) if cfg.resume else new_run_dir(cfg.run_root, "train_value", cfg.name)
+    language = make_language_encoder(cfg.value.language, device="cpu")
+    cache = EmbeddingCache(language, device)
+    train_lang, val_lang = cache.table(train_data.instructions), cache.table(val_data.instructions)
+    torch.manual_seed(cfg.seed)  # identical initialisation on every rank
+    agent = make_agent(cfg.value, language.dim, cfg.data.reward.discount, cfg.seed, cfg.channels_last).to(device)
+    agent.autocast = cfg.bf16 and device.type == "cuda"
+    if cfg.channels_last:
+        agent.to(memory_format=torch.channels_last)
+    if cfg.compile:
+        for net in (m for m in agent.children() if hasattr(m, "encoder")):
+            net.encoder = torch.compile(net.encoder)
+    start = _resume(agent, run_dir, device)
+    state = {"prepared": prepared, "train": train_data, "language": language, "run_dir": run_dir}
+    save_config(cfg, run_dir) if dist.main else None
+    with log_file(run_dir, "log.txt" if dist.main else f"log_rank{dist.rank}.txt"):
+        log.info("run %s: %s on %s, %d train / %d val transitions, %d instructions, start at step %d",
+                 run_dir, cfg.value.algo, device, len(train_data), len(val_data),
+                 len(train_data.instructions), start)  # fmt: skip
+        val = (val_data, val_weights, val_lang)
+        _loop(cfg, agent, dist, device, train_data, weights, train_lang, val, start, state)
+    return run_dir
+
+
+def _resume(agent: Agent, run_dir: Path, device: torch.device) -> int:
+    ckpt = latest_checkpoint(run_dir)
+    if ckpt is None:
+        return 0
+    state, meta = load_checkpoint(ckpt, device)
+    agent.load_state_dict(state)
+    log.info("resumed from %s (step %d)", ckpt, meta["step"])
+    return int(meta["step"])
+
+
+def _loop(cfg: TrainValueConfig, agent: Agent, dist: Distributed, device: torch.device, data: MixtureDataset,
+          weights: list[float], lang_table: torch.Tensor, val: tuple, start: int, state: dict) -> None:  # fmt: skip
+    loader = make_loader(
+        data, weights, cfg.batch_size // dist.world, seed=cfg.seed, num_workers=cfg.data.num_workers,
+        backend=cfg.data.loader, rank=dist.rank, world_size=dist.world, start_batch=start,
+        num_batches=max(cfg.steps - start, 0), pin_memory=device.type == "cuda",
+    )  # fmt: skip
+    writer = _tensorboard(state["run_dir"]) if dist.main else None
+    bar = tqdm(
+        total=cfg.steps, initial=start, desc=f"train {cfg.value.algo}", disable=not dist.main, dynamic_ncols=True
+    )
+    tick, step = time.perf_counter(), start
+    for step, raw in enumerate(loader, start=start):
+        g = step_generator(cfg.seed + 7, step, device)
+        batch = to_device(raw, lang_table, device)
+        batch = relabel_negatives(batch, lang_table, cfg.value.negative_proportion, cfg.data.reward.step_reward,
+                                  cfg.data.reward.discount, g)  # fmt: skip
+        if cfg.value.augment:
+            batch["image"], batch["next_image"] = augment_pair(batch["image"], batch["next_image"], g)
+        done = step + 1
+        metrics = agent.update(batch, metrics=done % cfg.log_every == 0 or done == cfg.steps)
+        bar.update()
+        if metrics and dist.main:
+            metrics["samples_per_s"] = cfg.log_every * cfg.batch_size / (time.perf_counter() - tick)
+            tick = time.perf_counter()
+            _log(writer, bar, "train", metrics, done)
+        if done % cfg.val_every == 0 or done == cfg.steps:
+            val_metrics = validate(agent, *val, cfg, device)
+            if dist.main:
+                _log(writer, bar, "", val_metrics, done)
+        if dist.main and (done % cfg.ckpt_every == 0 or done == cfg.steps):
+            _save(cfg, agent, state, done)
+    bar.close()
+    if writer is not None:
+        writer.close()
+
+
+def _tensorboard(run_dir: Path) -> Any:
+    from torch.utils.tensorboard import SummaryWriter
+
+    return SummaryWriter(str(run_dir / "tb"))
+
+
+def _log(writer: Any, bar: tqdm, prefix: str, metrics: dict[str, float], step: int) -> None:
+    for name, value in metrics.items():
+        writer.add_scalar(f"{prefix}/{name}" if prefix else name, value, step)
+    shown = {k.split("/")[-1]: f"{v:.3g}" for k, v in metrics.items() if not k.startswith("lr")}
+    log.info("step %d %s", step, " ".join(f"{k}={v}" for k, v in shown.items()))
+
+
+def _save(cfg: TrainValueConfig, agent: Agent, state: dict, step: int) -> Path:
+    import json
+
+    identity = state["language"].identity()
+    files = {
+        "config.yaml": OmegaConf.to_yaml(cfg, resolve=True),
+        "dataset_statistics.json": json.dumps({n: p.stats for n, p in state["prepared"].items()}),
+        "language.json": json.dumps({"encoder": identity, "instructions": state["train"].instructions}),
+    }
+    image_shape = list(state["train"].parts[0].store.image_shape)
+    meta = {"algo": cfg.value.algo, "language": identity, "image_shape": image_shape, "datasets": state["train"].names}
+    path = save_checkpoint(state["run_dir"], step, agent.state_dict(), meta, files)
+    prune_checkpoints(state["run_dir"], max(cfg.keep_checkpoints, 1))
+    log.info("saved %s", path)
+    return path
