@@ -1,15 +1,21 @@
-"""Config schemas of the policy group (`configs/policy/*.yaml`).
+"""Config schemas of the policy group (`configs/policy/*.yaml`) and of `train_policy.py`.
 
 Each policy has its own schema (a subclass of `PolicyConfig`) registered as `<name>_schema`; its
 yaml starts with `defaults: [<name>_schema]` and only chooses values.
+
+The learned policies (`vla`, `flow`) have a `model` section (the architecture, used when training)
+and inference options. A trained policy is loaded with `policy.checkpoint=<dir>`: the architecture
+then comes from the checkpoint's own config, and only the inference options from the command line.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from omegaconf import MISSING
+
+from data.config import DataConfig
 
 
 @dataclass
@@ -28,5 +34,165 @@ class RandomPolicyConfig(PolicyConfig):
     seed: int = 0
 
 
+# --- architectures -------------------------------------------------------------------------------
+
+
+@dataclass
+class VisionConfig:
+    """A timm image encoder whose feature map (CNN) or patch tokens (ViT) become tokens."""
+
+    # timm architecture: resnet18 (default), resnet10t, vit_tiny_patch16_224, ... (any timm model
+    # with `forward_features`).
+    arch: str = "resnet18"
+    # Load timm's pretrained weights (downloads from the hub; random initialisation otherwise).
+    pretrained: bool = False
+    # Side length images are resized to before the encoder; null = the training images' size.
+    image_size: int | None = None
+    # Average-pool a CNN feature map larger than grid x grid down to grid x grid tokens (bounds the
+    # sequence length at large image sizes); null keeps every position.
+    grid: int | None = None
+    # Extra keyword arguments of timm.create_model, e.g. {img_size: 64, depth: 6} for a ViT.
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class LMConfig:
+    """The causal language model of the VLA (transformers)."""
+
+    # A hub id or local directory of a pretrained causal LM and its tokenizer (e.g.
+    # HuggingFaceTB/SmolLM2-135M): action tokens then take the tokenizer's last 256 ids, as OpenVLA
+    # does with Llama-2. null = a Llama built from the fields below (random init, byte tokenizer).
+    pretrained: str | None = None
+    hidden_size: int = 256
+    layers: int = 4
+    heads: int = 4
+    # Key/value heads (grouped-query attention); null = heads.
+    kv_heads: int | None = None
+    # MLP width; null = 8/3 * hidden_size rounded up to a multiple of 64 (Llama's ratio).
+    intermediate_size: int | None = None
+    max_positions: int = 1024
+    attention_dropout: float = 0.0
+
+
+@dataclass
+class VLAModelConfig:
+    """The tokenized VLA: vision encoder -> MLP projector -> causal LM over [bos, image, prompt, 7 actions]."""
+
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    lm: LMConfig = field(default_factory=LMConfig)
+    # The text before the action tokens; {instruction} is the lower-cased instruction. OpenVLA:
+    # "In: What action should the robot take to {instruction}?\nOut:".
+    prompt: str = "{instruction}"
+    # Prompts are cut to this many text tokens.
+    max_text_tokens: int = 64
+
+
+@dataclass
+class FlowModelConfig:
+    """The chunked flow-matching policy: image + instruction tokens -> transformer trunk -> readout -> flow head."""
+
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    # Trunk transformer (pre-norm) width, depth and heads.
+    width: int = 256
+    layers: int = 4
+    heads: int = 4
+    # Instructions are cut to this many byte tokens.
+    max_text_tokens: int = 64
+    # Actions per predicted chunk (Octo: 4).
+    chunk: int = 4
+    # Flow head: residual MLP (Octo's diffusion head shape) with this width and number of blocks.
+    head_hidden: int = 256
+    head_blocks: int = 3
+    # Euler integration steps from noise (t = 0) to actions (t = 1) when sampling.
+    flow_steps: int = 10
+
+
+# --- policies ------------------------------------------------------------------------------------
+
+
+@dataclass
+class LearnedPolicyConfig(PolicyConfig):
+    # A checkpoint directory or a train_policy run directory (its latest checkpoint). Required to
+    # act; the architecture and normalisation statistics come from it.
+    checkpoint: str | None = None
+    # Dataset whose statistics un-normalise the actions (OpenVLA's unnorm_key); null = the
+    # checkpoint's only dataset.
+    unnorm_key: str | None = None
+    # auto (cuda if available), cuda, cpu.
+    device: str = "auto"
+    # Seed of the sampling noise.
+    seed: int = 0
+
+
+@dataclass
+class VLAPolicyConfig(LearnedPolicyConfig):
+    name: str = "vla"
+    model: VLAModelConfig = field(default_factory=VLAModelConfig)
+    # Sampling temperature of the action tokens; 0 = greedy (every one of the K samples identical).
+    temperature: float = 1.0
+    # Sample among the top_k action tokens only (0 = all 256; transformers' generate uses 50).
+    top_k: int = 0
+
+
+@dataclass
+class FlowPolicyConfig(LearnedPolicyConfig):
+    name: str = "flow"
+    model: FlowModelConfig = field(default_factory=FlowModelConfig)
+    # Scale of the initial noise (1 = the trained distribution; 0 = deterministic, the flow's mean path).
+    noise_scale: float = 1.0
+    # `act`: re-plan every exec_horizon steps and execute the chunk in between (1 = every step).
+    exec_horizon: int = 1
+    # `act`: temporal ensembling of what the last `chunk` predictions planned for the current step
+    # (Octo's ActionEnsembler; needs exec_horizon 1): weights exp(-ensemble_temp * i), i = 0 for the
+    # oldest prediction; 0 = uniform (SimplerEnv's setting).
+    ensemble: bool = False
+    ensemble_temp: float = 0.0
+
+
+# --- training ------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainPolicyConfig:
+    """`python train_policy.py policy=vla|flow data=<name>`."""
+
+    data: DataConfig = MISSING
+    # The policy group (vla or flow); its `model` section is the architecture trained.
+    policy: Any = MISSING
+    steps: int = 100_000
+    batch_size: int = 64
+    seed: int = 42
+    # AdamW.
+    lr: float = 3e-4
+    weight_decay: float = 0.01
+    # Linear warm-up, then cosine decay to min_lr_ratio * lr (or constant with lr_schedule=constant).
+    warmup_steps: int = 1000
+    lr_schedule: str = "cosine"
+    min_lr_ratio: float = 0.1
+    # Clip the gradient norm (0 = off).
+    grad_clip: float = 1.0
+    # Image augmentation (random resized crop + colour jitter, data/augment.py).
+    augment: bool = False
+    # Output: <run_root>/train_policy/<name or timestamp>/; rerunning with the same name resumes.
+    run_root: str = "runs"
+    name: str | None = None
+    # Resume from this run directory's latest checkpoint (default: the run directory itself).
+    resume: str | None = None
+    log_every: int = 100
+    val_every: int = 5000
+    val_batches: int = 10
+    ckpt_every: int = 10_000
+    # Keep only the last N checkpoints.
+    keep_checkpoints: int = 3
+    # Device: auto (cuda if available), cuda, cpu.
+    device: str = "auto"
+    # bf16 autocast and channels-last convolutions (GPU only).
+    bf16: bool = True
+    channels_last: bool = True
+
+
 def register(cs: Any) -> None:
     cs.store(group="policy", name="random_schema", node=RandomPolicyConfig)
+    cs.store(group="policy", name="vla_schema", node=VLAPolicyConfig)
+    cs.store(group="policy", name="flow_schema", node=FlowPolicyConfig)
+    cs.store(name="train_policy_schema", node=TrainPolicyConfig)

@@ -1,0 +1,260 @@
+"""Parallel rollouts: N environments in worker processes, one batched policy in the main process.
+
+Policies are GPU models and environments are CPU simulators, so each worker steps one environment
+and the main process gathers their observations, calls `policy.act_batch(observations, slots)` once
+per control step and sends each worker the first action of its chunk (the Policy contract). A
+worker that finishes an episode starts the next pending one right away; slot `i` of the policy is
+worker `i`.
+
+    with Runner(make_env, workers=4) as runner:
+        for result in runner.run(specs, policy):       # EpisodeResults, in order of completion
+            ...
+
+Every episode is fully determined by its `EpisodeSpec` (task, seed), whichever worker runs it.
+A worker that crashes (its pipe closes) or hangs (no reply within the reset / step timeout) is
+killed and replaced; its episode is reported as failed, with the reason in `error`, and the run
+goes on. Workers ignore SIGINT: on Ctrl-C the main process stops them (`close`), so an interrupted
+run leaves no stray processes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import multiprocessing as mp
+import time
+import zlib
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from multiprocessing.connection import Connection, wait
+from typing import Any
+
+import numpy as np
+
+from policies.base import Policy
+from sim.env import Env
+from sim.worker import Trajectory, worker_main
+
+log = logging.getLogger(__name__)
+
+#: Builds the environment of a task inside a worker; must be picklable (a module-level function
+#: or a functools.partial of one).
+EnvFactory = Callable[[str], Env]
+
+
+@dataclass(frozen=True)
+class EpisodeSpec:
+    """One episode to run: its task, its seed (the initial state), its position in the run."""
+
+    task: str
+    seed: int
+    index: int
+    record: bool = False  # return the trajectory (frames, states, actions) with the result
+
+
+@dataclass
+class EpisodeResult:
+    """How an episode ended. `error` is set if it could not finish (worker crash or hang, env error)."""
+
+    task: str
+    seed: int
+    index: int
+    instruction: str
+    success: bool
+    steps: int
+    ret: float
+    seconds: float
+    error: str | None = None
+    trajectory: Trajectory | None = field(default=None, repr=False)
+
+    def record(self) -> dict[str, Any]:
+        """A JSON-serialisable summary (no trajectory); `ret` is written as `return`."""
+        out = {k: v for k, v in asdict(self).items() if k != "trajectory"}
+        out["return"] = out.pop("ret")
+        return out
+
+
+def episode_seed(base_seed: int, task: str, i: int) -> int:
+    """The seed of episode `i` of `task` in a run with `base_seed` (a stable hash, < 2**32)."""
+    return int(np.random.SeedSequence([base_seed, zlib.crc32(task.encode()), i]).generate_state(1)[0])
+
+
+def episode_specs(
+    tasks: Sequence[str], episodes: int, base_seed: int, record: Callable[[int], bool] = lambda i: False
+) -> list[EpisodeSpec]:
+    """`episodes` per task, interleaved across tasks (index = i * len(tasks) + t); `record(i)` picks
+    which per-task episode numbers keep their trajectory. Adding episodes keeps earlier indices."""
+    return [
+        EpisodeSpec(task, episode_seed(base_seed, task, i), i * len(tasks) + t, record(i))
+        for i in range(episodes)
+        for t, task in enumerate(tasks)
+    ]
+
+
+@dataclass
+class _Slot:
+    """A worker process and the episode it is running."""
+
+    index: int
+    process: Any = None
+    conn: Connection | None = None
+    spec: EpisodeSpec | None = None
+    instruction: str = ""
+    steps: int = 0
+    ret: float = 0.0
+    started: float = 0.0
+    obs: dict[str, Any] | None = None  # awaiting an action
+    action: np.ndarray | None = None  # to send
+    deadline: float = 0.0
+    waiting_for: str = ""  # "reset" or "step" while a reply is due
+
+
+class Runner:
+    """Runs EpisodeSpecs with a Policy over `workers` environment processes (see the module doc)."""
+
+    def __init__(
+        self, make_env: EnvFactory, workers: int = 2, reset_timeout_s: float = 180.0, step_timeout_s: float = 60.0
+    ) -> None:
+        if workers < 1:
+            raise ValueError(f"need at least one worker, got {workers}")
+        self.make_env, self.reset_timeout_s, self.step_timeout_s = make_env, reset_timeout_s, step_timeout_s
+        self.slots = [_Slot(i) for i in range(workers)]
+        self._ctx = mp.get_context("spawn")  # fresh interpreters: no inherited GL/CUDA/TF state
+
+    def __enter__(self) -> Runner:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def run(self, specs: Sequence[EpisodeSpec], policy: Policy) -> Iterator[EpisodeResult]:
+        """Run every spec; yield each result as its episode ends (completion order)."""
+        pending = deque(specs)
+        while pending or any(s.spec is not None for s in self.slots):
+            for slot in self.slots:
+                if slot.spec is None and pending:
+                    self._start(slot, pending.popleft())
+                elif slot.action is not None:
+                    self._send(slot, ("step", slot.action), "step", self.step_timeout_s)
+                    slot.action = None
+            yield from self._receive(policy)
+            self._act(policy)
+
+    def close(self) -> None:
+        """Stop every worker (politely, then by force)."""
+        for slot in self.slots:
+            if slot.process is not None:
+                with contextlib.suppress(OSError):  # already gone
+                    slot.conn.send(("close",))
+        for slot in self.slots:
+            self._stop(slot, grace_s=5.0)
+
+    # -- one control step ------------------------------------------------------------------------
+
+    def _start(self, slot: _Slot, spec: EpisodeSpec) -> None:
+        if slot.process is None:
+            self._spawn(slot)
+        slot.spec, slot.steps, slot.ret, slot.started, slot.obs = spec, 0, 0.0, time.monotonic(), None
+        self._send(slot, ("reset", spec), "reset", self.reset_timeout_s)
+
+    def _send(self, slot: _Slot, message: tuple, kind: str, timeout_s: float) -> None:
+        with contextlib.suppress(OSError):  # the worker is gone; the receive step reports it
+            slot.conn.send(message)
+        slot.waiting_for, slot.deadline = kind, time.monotonic() + timeout_s
+
+    def _receive(self, policy: Policy) -> Iterator[EpisodeResult]:
+        """Wait for every due reply (until its deadline) and handle it; yield finished episodes."""
+        waiting = {s.conn: s for s in self.slots if s.waiting_for}
+        while waiting:
+            timeout = max(0.0, min(s.deadline for s in waiting.values()) - time.monotonic())
+            for conn in wait(list(waiting), timeout=timeout):
+                slot = waiting.pop(conn)
+                try:
+                    reply = conn.recv()
+                except (EOFError, OSError):
+                    reply = ("lost", self._lost(slot, "crashed"))
+                result = self._handle(slot, reply, policy)
+                if result is not None:
+                    yield result
+            now = time.monotonic()
+            for conn, slot in list(waiting.items()):
+                if now >= slot.deadline:
+                    del waiting[conn]
+                    yield self._handle(slot, ("lost", self._lost(slot, "hung")), policy)
+
+    def _handle(self, slot: _Slot, reply: tuple, policy: Policy) -> EpisodeResult | None:
+        """Apply one worker reply to its slot; a finished (or failed) episode is returned."""
+        kind, slot.waiting_for = reply[0], ""
+        if kind == "obs":
+            slot.obs, slot.instruction = reply[1], reply[1].get("instruction", "")
+            policy.reset(slot.instruction, slot.index)
+            return None
+        if kind == "step":
+            _, obs, reward, done, info, trajectory = reply
+            slot.steps, slot.ret = slot.steps + 1, slot.ret + reward
+            if not done:
+                slot.obs = obs
+                return None
+            return self._finish(slot, bool(info.get("success", False)), None, trajectory)
+        if kind == "lost":
+            self._stop(slot, grace_s=0.0)
+            return self._finish(slot, False, reply[1], None)
+        # "error": the environment raised; the worker lives on
+        return self._finish(slot, False, f"environment error at step {slot.steps}:\n{reply[1]}", None)
+
+    def _finish(self, slot: _Slot, success: bool, error: str | None, trajectory: Trajectory | None) -> EpisodeResult:
+        spec = slot.spec
+        if error:
+            log.warning("episode %d (%s, seed %d) failed: %s", spec.index, spec.task, spec.seed, error)
+        result = EpisodeResult(
+            spec.task, spec.seed, spec.index, slot.instruction, success, slot.steps, slot.ret,
+            time.monotonic() - slot.started, error, trajectory,
+        )  # fmt: skip
+        slot.spec, slot.obs, slot.action = None, None, None
+        return result
+
+    def _act(self, policy: Policy) -> None:
+        """One batched policy call for every slot that holds an observation."""
+        ready = [s for s in self.slots if s.obs is not None]
+        if not ready:
+            return
+        actions = np.asarray(policy.act_batch([s.obs for s in ready], [s.index for s in ready]), dtype=np.float32)
+        if actions.ndim != 3 or actions.shape[0] != len(ready) or actions.shape[2] != 7:
+            raise ValueError(f"policy.act_batch returned shape {actions.shape}, expected ({len(ready)}, chunk, 7)")
+        for slot, chunk in zip(ready, actions, strict=True):
+            slot.action, slot.obs = chunk[0], None  # execute the first action of the chunk
+
+    # -- worker processes ------------------------------------------------------------------------
+
+    def _spawn(self, slot: _Slot) -> None:
+        parent, child = self._ctx.Pipe()
+        slot.process = self._ctx.Process(
+            target=worker_main, args=(child, self.make_env), name=f"sim-worker-{slot.index}", daemon=True
+        )
+        slot.process.start()
+        child.close()
+        slot.conn = parent
+
+    def _lost(self, slot: _Slot, how: str) -> str:
+        """Describe a lost worker: crashed (with its exit code) or hung (with the timeout)."""
+        what = f"{slot.waiting_for} {slot.steps + 1}" if slot.waiting_for == "step" else slot.waiting_for
+        if how == "hung":
+            timeout = self.step_timeout_s if slot.waiting_for == "step" else self.reset_timeout_s
+            return f"worker hung: no reply within {timeout:g} s to {what}"
+        slot.process.join(timeout=5.0)
+        return f"worker crashed (exit code {slot.process.exitcode}) during {what}"
+
+    def _stop(self, slot: _Slot, grace_s: float) -> None:
+        """End a slot's worker process (a new one is spawned for its next episode)."""
+        if slot.process is None:
+            return
+        slot.process.join(timeout=grace_s)
+        if slot.process.is_alive():
+            slot.process.terminate()
+            slot.process.join(timeout=2.0)
+        if slot.process.is_alive():
+            slot.process.kill()
+            slot.process.join(timeout=2.0)
+        slot.conn.close()
+        slot.process, slot.conn, slot.waiting_for = None, None, ""

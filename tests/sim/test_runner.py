@@ -1,0 +1,127 @@
+"""The rollout runner with a fake environment (no simulator): batching, seeds, crashes, hangs, Ctrl-C."""
+
+from __future__ import annotations
+
+import functools
+import time
+from collections.abc import Sequence
+
+import numpy as np
+import pytest
+
+from policies.base import Observation, Policy
+from sim.runner import EpisodeSpec, Runner, episode_seed, episode_specs
+from tests.sim.fakes import make_fake_env
+
+
+class EchoPolicy(Policy):
+    """Action x = 0.01 * observed step; records its batch sizes and resets."""
+
+    def __init__(self, interrupt_after: int | None = None) -> None:
+        super().__init__()
+        self.batches: list[int] = []
+        self.resets: list[tuple[str, int]] = []
+        self.interrupt_after = interrupt_after
+
+    def reset(self, instruction: str, slot: int = 0) -> None:
+        super().reset(instruction, slot)
+        self.resets.append((instruction, slot))
+
+    def sample_actions(self, obs: Observation, k: int, slot: int = 0) -> np.ndarray:
+        action = np.zeros((k, 1, 7), np.float32)
+        action[..., 0] = 0.01 * obs["state"][0]
+        return action
+
+    def act_batch(self, observations: Sequence[Observation], slots: Sequence[int] | None = None) -> np.ndarray:
+        self.batches.append(len(observations))
+        if self.interrupt_after is not None and len(self.batches) > self.interrupt_after:
+            raise KeyboardInterrupt
+        return super().act_batch(observations, slots)
+
+
+def specs(seeds: Sequence[int], record: bool = False) -> list[EpisodeSpec]:
+    return [EpisodeSpec("fake", s, i, record) for i, s in enumerate(seeds)]
+
+
+def expected_steps(seed: int) -> int:
+    return 3 + seed % 4
+
+
+def test_episode_seeds_are_deterministic_distinct_and_stable_when_extended() -> None:
+    a = episode_specs(["lift", "stack"], 5, base_seed=0)
+    assert a == episode_specs(["lift", "stack"], 5, base_seed=0)
+    assert [s.index for s in a] == list(range(10)) and [s.task for s in a[:4]] == ["lift", "stack"] * 2
+    assert len({s.seed for s in a}) == 10
+    assert episode_specs(["lift", "stack"], 8, base_seed=0)[:10] == a  # more episodes keep the first ones
+    assert {s.seed for s in episode_specs(["lift", "stack"], 5, base_seed=1)}.isdisjoint({s.seed for s in a})
+    assert episode_seed(0, "lift", 3) == a[6].seed and 0 <= a[6].seed < 2**32
+    recorded = episode_specs(["lift"], 4, 0, record=lambda i: i < 2)
+    assert [s.record for s in recorded] == [True, True, False, False]
+
+
+def test_runs_every_episode_with_batched_policy_calls() -> None:
+    policy = EchoPolicy()
+    seeds = list(range(7))
+    with Runner(make_fake_env, workers=3) as runner:
+        results = list(runner.run(specs(seeds, record=True), policy))
+    assert sorted(r.seed for r in results) == seeds
+    for r in results:
+        n = expected_steps(r.seed)
+        assert (r.steps, r.success, r.error, r.instruction) == (n, r.seed % 2 == 0, None, "fake fake")
+        assert r.ret == pytest.approx(0.01 * sum(range(n)))  # reward = action x = 0.01 * previous step
+        assert r.trajectory.images.shape == (n + 1, 8, 8, 3) and r.trajectory.action.shape == (n, 7)
+        np.testing.assert_array_equal(r.trajectory.state[:, 0], np.arange(n + 1))
+    assert max(policy.batches) == 3 and sum(policy.batches) == sum(expected_steps(s) for s in seeds)
+    assert len(policy.resets) == 7 and {slot for _, slot in policy.resets} == {0, 1, 2}
+
+
+def test_results_do_not_depend_on_the_number_of_workers() -> None:
+    def run(workers: int) -> dict[int, tuple]:
+        with Runner(make_fake_env, workers=workers) as runner:
+            return {r.seed: (r.steps, r.success, r.ret) for r in runner.run(specs(range(6)), EchoPolicy())}
+
+    assert run(1) == run(3)
+
+
+def test_a_crashing_worker_fails_its_episode_and_the_run_goes_on() -> None:
+    make_env = functools.partial(make_fake_env, crash_seed=4)
+    with Runner(make_env, workers=2) as runner:
+        results = {r.seed: r for r in runner.run(specs(range(6)), EchoPolicy())}
+    assert sorted(results) == list(range(6))
+    crashed = results[4]
+    assert not crashed.success and "worker crashed (exit code 3) during step 2" in crashed.error
+    assert all(r.error is None and r.steps == expected_steps(s) for s, r in results.items() if s != 4)
+
+
+def test_a_hanging_worker_is_detected_by_its_step_timeout() -> None:
+    make_env = functools.partial(make_fake_env, hang_seed=1)
+    start = time.monotonic()
+    with Runner(make_env, workers=2, step_timeout_s=1.0) as runner:
+        results = {r.seed: r for r in runner.run(specs(range(4)), EchoPolicy())}
+    assert time.monotonic() - start < 30
+    assert "worker hung: no reply within 1 s to step 2" in results[1].error and not results[1].success
+    assert all(results[s].error is None for s in (0, 2, 3))
+
+
+def test_an_environment_error_fails_the_episode_and_keeps_the_worker() -> None:
+    make_env = functools.partial(make_fake_env, error_seed=2)
+    with Runner(make_env, workers=1) as runner:
+        results = {r.seed: r for r in runner.run(specs(range(4)), EchoPolicy())}
+        pid = runner.slots[0].process.pid
+    assert "environment error at step 1" in results[2].error and "the fake environment broke" in results[2].error
+    assert all(results[s].error is None for s in (0, 1, 3)) and pid is not None
+
+
+def test_interrupt_stops_every_worker() -> None:
+    runner = Runner(make_fake_env, workers=2)
+    with pytest.raises(KeyboardInterrupt), runner:
+        list(runner.run(specs(range(10)), EchoPolicy(interrupt_after=3)))
+    assert all(slot.process is None for slot in runner.slots)
+
+
+def test_result_record_is_json_ready() -> None:
+    with Runner(make_fake_env, workers=1) as runner:
+        (result,) = runner.run(specs([2], record=True), EchoPolicy())
+    record = result.record()
+    assert set(record) == {"task", "seed", "index", "instruction", "success", "steps", "return", "seconds", "error"}
+    assert record["success"] is True and record["steps"] == 5
