@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import importlib
 
-PACKAGES = ("data", "values", "policies", "sim", "real_robot")
+PACKAGES = ("data", "values", "policies", "policies.qsft", "sim", "real_robot")
 
 
 def register() -> None:

@@ -95,7 +95,7 @@ def make_policy(cfg: Any) -> Policy:
 
 
 # Modules that register policies; imported on demand so that light processes stay light.
-POLICY_MODULES: list[str] = ["policies.vla", "policies.flow", "sim.experts"]
+POLICY_MODULES: list[str] = ["policies.vla", "policies.flow", "policies.qsft.policy", "sim.experts"]
 
 
 def _import_policy_modules() -> None:

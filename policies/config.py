@@ -149,6 +149,38 @@ class FlowPolicyConfig(LearnedPolicyConfig):
     ensemble_temp: float = 0.0
 
 
+@dataclass
+class SteerConfig:
+    """V-GPS value steering (policies/steering.py), used with `steer=true`: `steering.<field>=<value>`."""
+
+    # The critic: a train_value.py run directory (its latest checkpoint) or checkpoint directory;
+    # required with steer=true. "random" scores candidates i.i.d. at random: the sanity check that
+    # a gain comes from the learned values (V-GPS's "random-selecting" ablation).
+    critic: str | None = None
+    # Candidate chunks sampled from the policy per step (V-GPS: 10 in eval_vgps.py, 50 in eval_vgps.sh).
+    k: int = 10
+    # Temperature of softmax(Q / beta) over the candidates; 0 = argmax (V-GPS default 1.0; paper: 0, 0.1, 1).
+    beta: float = 1.0
+    # Critic parameters: target (V-GPS) or online.
+    params: str = "target"
+    # Which training dataset's statistics normalise queried actions (a critic trained on a mixture);
+    # null = its only dataset.
+    dataset: str | None = None
+    # auto (cuda if available), cuda, cpu.
+    device: str = "auto"
+    # Seed of the softmax sampling (per slot: [seed, slot]).
+    seed: int = 0
+    # GPU only: bf16 autocast of the critic (train_value trains with it), and one CUDA graph per
+    # batch shape (removes kernel-launch overhead; benchmarks/steer_latency.py).
+    bf16: bool = True
+    cuda_graphs: bool = False
+    # Executing the chosen chunk (policies/chunking.py): re-steer every exec_horizon steps; or
+    # temporal ensembling of the chosen chunks (V-GPS feeds them to Octo's ActionEnsembler, temp 0).
+    exec_horizon: int = 1
+    ensemble: bool = False
+    ensemble_temp: float = 0.0
+
+
 # --- training ------------------------------------------------------------------------------------
 
 

@@ -12,6 +12,7 @@ from typing import Any
 
 from omegaconf import MISSING
 
+from policies.config import SteerConfig
 from real_robot.protocol import CLIENT_TIMEOUT_MS, DEFAULT_ENV_PARAMS, DEFAULT_PORT
 from real_robot.safety import SafetyConfig
 
@@ -67,8 +68,8 @@ class DeployRobotConfig:
     policy: Any = MISSING
     # Steer the policy with a learned value (V-GPS; policies/steering.py).
     steer: bool = False
-    # Options of the steering wrapper (critic checkpoint, k, beta), passed to policies.steering.
-    steering: dict[str, Any] = field(default_factory=dict)
+    # Steering options, e.g. steering.critic=<run dir of train_value.py> steering.k=10 steering.beta=0.
+    steering: SteerConfig = field(default_factory=SteerConfig)
     # The task instruction given to the policy (required).
     instruction: str = MISSING
     # Only read observations and print the actions that would be sent: no init, reset, step or move.

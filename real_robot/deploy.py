@@ -12,9 +12,7 @@ safe stop (real_robot/loop.py); its data is staged before anything is re-raised.
 
 from __future__ import annotations
 
-import importlib
 import logging
-from collections.abc import Callable
 from typing import Any
 
 from configs.errors import UserError
@@ -30,32 +28,14 @@ log = logging.getLogger(__name__)
 def build_policy(cfg: Any) -> Policy:
     """The policy of `cfg.policy`, wrapped by V-GPS steering if `cfg.steer` (the one place steering is wired).
 
-    Steering comes from `policies.steering` (issue 5), expected to provide
-    `make_steered_policy(base: Policy, options: dict) -> Policy` built from `cfg.steering`.
+    The steering options (`cfg.steering`, policies/config.py SteerConfig) are checked before the
+    policy loads, so a missing critic fails fast.
     """
-    steer = steering_factory() if cfg.steer else None  # fail before loading a large policy
-    policy = make_policy(cfg.policy)
-    return policy if steer is None else steer(policy, _plain(cfg.steering))
+    if not cfg.steer:
+        return make_policy(cfg.policy)
+    from policies.steering import build_steered_policy
 
-
-def steering_factory() -> Callable[[Policy, dict[str, Any]], Policy]:
-    """`policies.steering.make_steered_policy`, or a `UserError` saying what is missing."""
-    try:
-        steering = importlib.import_module("policies.steering")
-    except ModuleNotFoundError as err:
-        if err.name != "policies.steering":
-            raise
-        raise UserError(
-            "steer=true needs V-GPS steering (policies/steering.py), which this robosteer checkout does not have "
-            "yet. Run with steer=false, or update robosteer."
-        ) from None
-    factory = getattr(steering, "make_steered_policy", None)
-    if factory is None:
-        raise UserError(
-            "policies.steering has no make_steered_policy(base, options); wire steering in "
-            "real_robot/deploy.py::build_policy."
-        )
-    return factory
+    return build_steered_policy(cfg.policy, cfg.steering)
 
 
 def check_config(cfg: Any) -> SafetyConfig:
@@ -95,7 +75,9 @@ def deploy(cfg: Any) -> list[dict[str, Any]]:
 
     limits = check_config(cfg)
     if cfg.steer:
-        steering_factory()  # a missing steering module fails before anything else
+        from policies.steering import check_steering
+
+        check_steering(cfg.steering)  # a missing critic fails before connecting
     client = connect(cfg)
     try:
         policy = build_policy(cfg)

@@ -10,7 +10,7 @@ from typing import Any
 
 from omegaconf import MISSING
 
-from policies.config import PolicyConfig
+from policies.config import PolicyConfig, SteerConfig
 
 
 @dataclass
@@ -113,8 +113,10 @@ class EvalSimConfig:
 
     sim: SimConfig = MISSING
     policy: Any = MISSING
-    # Wrap the policy in value steering (V-GPS, policies/steering.py).
+    # Wrap the policy in value steering (V-GPS, policies/steering.py); options in `steering`.
     steer: bool = False
+    # Steering options, e.g. steering.critic=<run dir of train_value.py> steering.k=10 steering.beta=0.
+    steering: SteerConfig = field(default_factory=SteerConfig)
     # Episodes per task.
     episodes: int = 20
     # Base seed of the episodes; runs with the same seed, tasks and episodes see the same initial

@@ -2,11 +2,14 @@
 
     python eval_sim.py policy=scripted sim=suite episodes=20
     python eval_sim.py policy=random sim=lift episodes=50 name=random_lift
+    python eval_sim.py policy=flow policy.checkpoint=<dir> steer=true steering.critic=<train_value run dir>
 
 Writes, under `<runs_dir>/eval_sim/<name or timestamp>/`: `config.yaml`, `log.txt`, one JSON line
 per episode in `episodes.jsonl` (task, seed, success, steps, return, instruction, error),
 `summary.md` / `summary.json` (success rate and 95% Wilson interval per task), `success.png`, and
-`videos/<task>_seed<seed>.mp4` of the first `videos` episodes of each task. Seeds depend only on
+`videos/<task>_seed<seed>.mp4` of the first `videos` episodes of each task; a steered run
+(`steer=true steering.critic=<run dir of train_value.py>`, docs/steering.md) also writes
+`steering.json` (K, beta, critic, mean Q spread) and adds them to `summary.md`. Seeds depend only on
 (seed, task, episode number), so runs with the same `seed` see the same initial states; compare
 them with `python -m sim.report RUN_A RUN_B`. Rerunning with the same `name` after an
 interruption evaluates only the episodes that are missing.
@@ -15,7 +18,6 @@ interruption evaluates only the episodes that are missing.
 from __future__ import annotations
 
 import functools
-import importlib.util
 import json
 import logging
 from dataclasses import asdict
@@ -28,31 +30,23 @@ from tqdm import tqdm
 from configs.errors import UserError
 from configs.run import log_file, new_run_dir, save_config
 from policies.base import Policy, make_policy
+from policies.steering import ValueSteeredPolicy, build_steered_policy
 from sim.env import make_sim_env
 from sim.report import EPISODES_FILE, format_table, load_records, plot_success, summarize
 from sim.runner import EpisodeResult, EpisodeSpec, Runner, episode_specs
 from sim.tasks import task_names
 
 log = logging.getLogger(__name__)
-STEERING_MODULE = "policies.steering"
+STEERING_FILE = "steering.json"
 
 
 def build_policy(cfg: Any) -> Policy:
-    """The policy to evaluate: `cfg.policy`, wrapped in value steering if `cfg.steer`.
+    """The policy to evaluate: `cfg.policy`, wrapped in value steering (V-GPS) if `cfg.steer`.
 
-    This is the one place where eval_sim wires steering (V-GPS, policies/steering.py).
+    This is the one place where eval_sim wires steering (policies/steering.py); the steering options
+    (`cfg.steering`) are checked before the policy loads.
     """
-    if cfg.steer and importlib.util.find_spec(STEERING_MODULE) is None:
-        raise UserError(
-            "steer=true needs the value-steering wrapper (policies/steering.py, V-GPS), which this checkout "
-            "does not have yet. Run with steer=false."
-        )
-    if cfg.steer:
-        raise UserError(
-            "policies/steering.py exists but eval_sim does not wire it yet: connect it in "
-            "sim/evaluate.py::build_policy. Run with steer=false meanwhile."
-        )
-    return make_policy(cfg.policy)
+    return build_steered_policy(cfg.policy, cfg.steering) if cfg.steer else make_policy(cfg.policy)
 
 
 def evaluate(cfg: Any) -> Path:
@@ -70,13 +64,15 @@ def evaluate(cfg: Any) -> Path:
         specs = episode_specs(tasks, cfg.episodes, cfg.seed, record=lambda i: i < cfg.videos)
         done = {(r["task"], r["seed"]) for r in _existing(run_dir)}
         todo = [s for s in specs if (s.task, s.seed) not in done]
+        what = cfg.policy.name + (f" steered (K={policy.k}, beta={policy.beta:g}, critic {policy.critic_name})"
+                                  if isinstance(policy, ValueSteeredPolicy) else "")  # fmt: skip
         log.info("evaluating %s on %s: %d episodes (%d already done) -> %s",
-                 cfg.policy.name, ", ".join(tasks), len(specs), len(specs) - len(todo), run_dir)  # fmt: skip
+                 what, ", ".join(tasks), len(specs), len(specs) - len(todo), run_dir)  # fmt: skip
         try:
             _rollouts(todo, policy, cfg, run_dir)
         finally:
             policy.close()
-        _report(run_dir, {(s.task, s.seed) for s in specs})
+        _report(run_dir, {(s.task, s.seed) for s in specs}, _steering_summary(policy, run_dir))
     return run_dir
 
 
@@ -90,12 +86,16 @@ def _check_same_run(run_dir: Path, cfg: Any) -> None:
     if not saved.is_file() or not (run_dir / EPISODES_FILE).is_file():
         return
     before = OmegaConf.load(saved)
-    keys = ("policy", "steer", "sim", "seed")
-    changed = [k for k in keys if OmegaConf.to_container(before.get(k)) != OmegaConf.to_container(cfg.get(k))]
+    keys = ("policy", "steer", "sim", "seed", *(("steering",) if cfg.steer else ()))
+    changed = [k for k in keys if _plain(before.get(k)) != _plain(cfg.get(k))]
     if changed:
         raise UserError(
             f"{run_dir} holds results of another evaluation ({', '.join(changed)} differ); choose another name=."
         )
+
+
+def _plain(value: Any) -> Any:
+    return OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
 
 
 def _rollouts(specs: list[EpisodeSpec], policy: Policy, cfg: Any, run_dir: Path) -> None:
@@ -128,11 +128,31 @@ def _video(run_dir: Path, result: EpisodeResult, fps: int) -> Path:
     return path
 
 
-def _report(run_dir: Path, keep: set[tuple[str, int]]) -> None:
+def _steering_summary(policy: Policy, run_dir: Path) -> dict[str, Any] | None:
+    """K, beta, critic and mean Q spread of a steered run, also written to steering.json; None if not steered."""
+    if not isinstance(policy, ValueSteeredPolicy):
+        return None
+    out = policy.summary()
+    (run_dir / STEERING_FILE).write_text(json.dumps(out, indent=1))
+    return out
+
+
+def _steering_line(s: dict[str, Any]) -> str:
+    """One line for summary.md; the Q statistics cover the steps of this invocation (not resumed-over ones)."""
+    return (
+        f"steered: K={s['k']}, beta={s['beta']:g}, critic {s['critic']}; over {s['steps']} steps: mean Q spread "
+        f"(max - min over K) {s['mean_q_spread']:.4f}, mean Q std {s['mean_q_std']:.4f}, "
+        f"mean chosen Q - mean Q {s['mean_chosen_advantage']:.4f}"
+    )
+
+
+def _report(run_dir: Path, keep: set[tuple[str, int]], steering: dict[str, Any] | None = None) -> None:
     """summary.md / summary.json / success.png from episodes.jsonl (the episodes of this config)."""
     records = [r for r in _existing(run_dir) if (r["task"], r["seed"]) in keep]
     rows = summarize(records)
     table = format_table(rows)
+    if steering is not None:
+        table += "\n\n" + _steering_line(steering)
     (run_dir / "summary.md").write_text(table + "\n")
     (run_dir / "summary.json").write_text(json.dumps([asdict(r) for r in rows], indent=1))
     plot_success({run_dir.name: rows}, run_dir / "success.png", title=f"success rate: {run_dir.name}")

@@ -10,18 +10,26 @@ heads; actions are normalised with the *critic's own* training statistics (V-GPS
 re-scales queries with other bounds than it trained with; reference/vgps.md). As in V-GPS, scores
 use the target critic's parameters and the minimum over the ensemble. Images of another size than
 the critic was trained on are resized (antialiased) first.
+
+Scoring is two calls, `embed_batch(observations) -> (N, F)` and `score_embedded(emb, actions)`, so
+that steering can launch the encoder before the policy samples (they overlap on a GPU). On a GPU,
+`bf16=True` runs the critic under bf16 autocast (as train_value trains it), and `cuda_graphs=True`
+captures the encoder (per N) and the heads (per N, K) as CUDA graphs and replays them: an eager
+ResNet-34 at batch 1 is dominated by kernel launches, not arithmetic (benchmarks/steer_latency.py).
+`random_critic` builds an untrained scorer from a value config, for benchmarks and tests that need
+the real scoring path without a checkpoint.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from torch.nn import functional as F
 
 from configs.checkpoint import load_checkpoint, resolve_checkpoint
@@ -35,32 +43,75 @@ class CriticScorer:
     """A critic network + its normalisation statistics + its language encoder."""
 
     def __init__(
-        self, critic: Critic, normalizer: ActionNormalizer, language: EmbeddingCache, image_shape: Sequence[int]
-    ) -> None:
+        self, critic: Critic, normalizer: ActionNormalizer, language: EmbeddingCache, image_shape: Sequence[int],
+        bf16: bool = False, cuda_graphs: bool = False,
+    ) -> None:  # fmt: skip
         self.critic, self.normalizer, self.language = critic.eval(), normalizer, language
         self.image_shape = tuple(image_shape)
         self.device = next(critic.parameters()).device
+        on_gpu = self.device.type == "cuda"
+        self.bf16, self.cuda_graphs = bf16 and on_gpu, cuda_graphs and on_gpu  # CPU: plain fp32 eager
+        self._graphs: dict[tuple, CudaGraphed] = {}
 
     @torch.no_grad()
     def q(self, images: torch.Tensor, lang: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
         """uint8 (B, H, W, 3), (B, D), normalised (B, 7) -> (ensemble, B)."""
-        return self.critic.q(self._images(images), lang, actions).float()
+        with torch.autocast("cuda", torch.bfloat16, enabled=self.bf16):
+            return self.critic.q(self._images(images), lang, actions).float()
 
     @torch.no_grad()
     def score_batch(self, observations: Sequence[dict[str, Any]], actions: np.ndarray | torch.Tensor) -> torch.Tensor:
         """N observations and their K canonical candidate actions (N, K, 7) -> (N, K) scores."""
-        actions = torch.as_tensor(np.asarray(actions, dtype=np.float32), device=self.device)
-        if actions.dim() != 3 or actions.shape[0] != len(observations) or actions.shape[-1] != 7:
-            raise ValueError(f"actions must be (N={len(observations)}, K, 7), got {tuple(actions.shape)}")
-        images = torch.stack([torch.as_tensor(o["image_primary"]) for o in observations]).to(self.device)
-        lang = torch.stack([self.language.get(o["instruction"]) for o in observations])
-        emb = self.critic.embed(self._images(images), lang)  # each image and instruction encoded once
-        q = self.critic.q_from_embedding(emb, self.normalizer.normalize(actions))  # (E, N, K)
-        return q.float().min(dim=0).values
+        return self.score_embedded(self.embed_batch(observations), actions)
 
     def score(self, obs: dict[str, Any], actions: np.ndarray | torch.Tensor) -> torch.Tensor:
         """One observation, K canonical actions (K, 7) -> (K,)."""
-        return self.score_batch([obs], np.asarray(actions)[None])[0]
+        actions = actions if isinstance(actions, torch.Tensor) else np.asarray(actions, np.float32)
+        return self.score_batch([obs], actions[None])[0]
+
+    @torch.no_grad()
+    def embed_batch(self, observations: Sequence[dict[str, Any]]) -> torch.Tensor:
+        """(N, F) embeddings of N observations: each image and instruction encoded once.
+
+        On a GPU this only launches the work; called before the policy samples its candidates, the
+        encoder runs while the CPU launches the policy's kernels (policies/steering.py).
+        """
+        images = torch.from_numpy(np.stack([np.asarray(o["image_primary"]) for o in observations]))
+        lang = torch.stack([self.language.get(o["instruction"]) for o in observations])
+        return self._run(self._embed, self._images(images.to(self.device)), lang)
+
+    @torch.no_grad()
+    def score_embedded(self, emb: torch.Tensor, actions: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """Embeddings (N, F) and canonical actions (N, K, 7) -> (N, K): the heads over all N * K actions at once."""
+        if not isinstance(actions, torch.Tensor):
+            actions = np.asarray(actions, np.float32)
+        shape = tuple(actions.shape)
+        if len(shape) != 3 or shape[0] != len(emb) or shape[-1] != 7:
+            raise ValueError(f"actions must be (N={len(emb)}, K, 7), got {shape}")
+        if isinstance(actions, torch.Tensor):
+            norm = self.normalizer.normalize(actions.to(self.device, torch.float32))
+        else:  # normalise on the host: one transfer instead of one per statistic
+            norm = torch.from_numpy(self.normalizer.normalize(actions)).to(self.device)
+        return self._run(self._heads, emb, norm)
+
+    def _run(self, fn: Callable[..., torch.Tensor], *inputs: torch.Tensor) -> torch.Tensor:
+        """fn(*inputs), replayed from a CUDA graph per input shape if `cuda_graphs`."""
+        if not self.cuda_graphs:
+            return fn(*inputs)
+        key = (fn.__name__, *(tuple(x.shape) for x in inputs))
+        if key not in self._graphs:
+            self._graphs[key] = CudaGraphed(fn, inputs)
+        return self._graphs[key](*inputs)
+
+    # no autocast weight cache: CUDA graph capture needs it off, and each weight is cast once per call anyway
+    def _embed(self, images: torch.Tensor, lang: torch.Tensor) -> torch.Tensor:
+        with torch.autocast("cuda", torch.bfloat16, enabled=self.bf16, cache_enabled=False):
+            return self.critic.embed(images, lang)
+
+    def _heads(self, emb: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+        with torch.autocast("cuda", torch.bfloat16, enabled=self.bf16, cache_enabled=False):
+            q = self.critic.q_from_embedding(emb, actions)  # (E, N, K)
+        return q.float().min(dim=0).values
 
     def _images(self, images: torch.Tensor) -> torch.Tensor:
         if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[-1] != 3:
@@ -73,14 +124,49 @@ class CriticScorer:
         return x.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous()
 
 
+class CudaGraphed:
+    """`fn(*inputs)` captured once in a CUDA graph for fixed input shapes, then replayed.
+
+    Inputs are copied into static buffers and the output is cloned out of the graph's pool, so a
+    result stays valid after the next replay. Warm-up runs on a side stream, as torch.cuda.graphs asks.
+    """
+
+    def __init__(self, fn: Callable[..., torch.Tensor], inputs: Sequence[torch.Tensor], warmup: int = 3) -> None:
+        self.inputs = [x.clone() for x in inputs]
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(warmup):  # cuDNN autotuning and allocations happen outside the capture
+                fn(*self.inputs)
+        torch.cuda.current_stream().wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.output = fn(*self.inputs)
+
+    def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
+        for static, x in zip(self.inputs, inputs, strict=True):
+            static.copy_(x, non_blocking=True)
+        self.graph.replay()
+        return self.output.clone()
+
+
 def load_critic(
-    path: str | Path, device: str | torch.device = "cpu", params: str = "target", dataset: str | None = None
-) -> CriticScorer:
-    """Load the critic of a run directory or checkpoint; `params` "target" (V-GPS) or "online"."""
+    path: str | Path, device: str | torch.device = "cpu", params: str = "target", dataset: str | None = None,
+    bf16: bool = False, cuda_graphs: bool = False,
+) -> CriticScorer:  # fmt: skip
+    """Load the critic of a run directory or checkpoint; `params` "target" (V-GPS) or "online".
+
+    `dataset` picks whose statistics normalise the queried actions when the critic was trained on a mixture.
+    """
+    if params not in ("target", "online"):
+        raise UserError(f"Critic params must be 'target' or 'online', got {params!r}.")
     ckpt = resolve_checkpoint(path)
     cfg = OmegaConf.create((ckpt / "config.yaml").read_text())
     stats = json.loads((ckpt / "dataset_statistics.json").read_text())
     language_info = json.loads((ckpt / "language.json").read_text())
+    if dataset is None and len(stats) > 1:
+        raise UserError(f"{ckpt} was trained on {sorted(stats)}: choose whose statistics normalise actions "
+                        "(steering.dataset=<name>).")  # fmt: skip
     name = dataset or next(iter(stats))
     if name not in stats:
         raise UserError(f"{ckpt} has statistics for {sorted(stats)}, not {name!r}.")
@@ -95,4 +181,22 @@ def load_critic(
     critic.load_state_dict({k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)})
     critic.to(device)
     normalizer = ActionNormalizer(stats[name], cfg.data.normalization, source=f"{ckpt} statistics of {name}")
-    return CriticScorer(critic, normalizer, EmbeddingCache(encoder, device), meta["image_shape"])
+    return CriticScorer(critic, normalizer, EmbeddingCache(encoder, device), meta["image_shape"], bf16, cuda_graphs)
+
+
+def random_critic(
+    cfg: Any, stats: dict[str, Any], image_size: int, normalization: str = "bounds_q99",
+    device: str | torch.device = "cpu", seed: int = 0, bf16: bool = False, cuda_graphs: bool = False,
+) -> CriticScorer:  # fmt: skip
+    """An untrained critic of value config `cfg` (a ValueConfig or its node) with one dataset's `stats`.
+
+    Same networks and scoring path as a loaded critic; for latency benchmarks and tests.
+    """
+    cfg = OmegaConf.structured(cfg) if not isinstance(cfg, DictConfig) else cfg
+    encoder = make_language_encoder(cfg.language, device="cpu")
+    with torch.random.fork_rng(devices=[]):  # a seeded initialisation that leaves the global RNG alone
+        torch.manual_seed(seed)
+        critic = Critic(FiLMResNet(cfg.encoder, encoder.dim), cfg.hidden, cfg.ensemble).to(device)
+    normalizer = ActionNormalizer(stats, normalization, source="random_critic statistics")
+    return CriticScorer(critic, normalizer, EmbeddingCache(encoder, device), (image_size, image_size, 3), bf16,
+                        cuda_graphs)  # fmt: skip

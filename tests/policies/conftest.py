@@ -83,10 +83,17 @@ def _learned(name: str) -> Callable[[Path], DictConfig]:
     return build
 
 
+def _qsft(root: Path) -> DictConfig:
+    from tests.qsft.helpers import qsft_contract_config  # lazy: it imports this module
+
+    return qsft_contract_config(root)
+
+
 CONTRACT_BUILDERS: dict[str, Callable[[Path], DictConfig]] = {
     "random": lambda root: compose_config(["policy=random"]).policy,
     "vla": _learned("vla"),
     "flow": _learned("flow"),
+    "qsft": _qsft,
     "scripted": lambda root: compose_config(["policy=scripted"]).policy,
 }
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -81,13 +80,6 @@ def test_dry_run_sends_nothing_and_records_nothing(sim_service, connect, tmp_pat
 def _cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "deploy_robot.py", *args], cwd=REPO, capture_output=True, text=True,
                           timeout=120)  # fmt: skip
-
-
-@pytest.mark.skipif(importlib.util.find_spec("policies.steering") is not None, reason="steering exists now")
-def test_steer_without_steering_module_is_a_clear_user_error(tmp_path: Path) -> None:
-    out = _cli("instruction=x", "steer=true", f"run_root={tmp_path}")
-    assert out.returncode == 2 and "steer=true needs V-GPS steering (policies/steering.py)" in out.stderr
-    assert not (tmp_path / "deploy_robot").exists()  # nothing written
 
 
 def test_unreachable_robot_and_bad_input_are_user_errors(tmp_path: Path) -> None:

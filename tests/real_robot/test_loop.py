@@ -56,15 +56,52 @@ def run(
 
 
 def steered_policy() -> Policy:
-    steering = pytest.importorskip("policies.steering", reason="policies/steering.py (issue 5) is not there yet")
-    return steering.make_steered_policy(random_policy(), {})
+    """The random policy steered (K = 8, argmax) by an untrained FiLM-ResNet critic at the loop's image size."""
+    from policies.steering import ValueSteeredPolicy
+    from tests.policies.conftest import fake_stats
+    from values.config import EncoderConfig, ValueConfig
+    from values.critic import random_critic
+
+    cfg = ValueConfig(algo="calql", encoder=EncoderConfig(arch="resnet10t"), hidden=[16, 16])
+    return ValueSteeredPolicy(random_policy(), random_critic(cfg, fake_stats()["sim"], IMAGE_SIZE), k=8, beta=0.0)
 
 
-@pytest.mark.parametrize("make_policy", [random_policy, steered_policy], ids=["random", "steered"])
-def test_full_episode(sim_service, connect, make_policy) -> None:
-    """A whole episode through make_policy; a steered policy drops in as soon as policies.steering exists."""
+def deploy_config(*overrides: str):
+    from hydra import compose, initialize_config_dir
+
+    from configs import CONFIG_DIR
+    from configs.schema import register
+
+    register()
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
+        return compose("deploy_robot", overrides=["instruction=put the spoon on the towel", *overrides])
+
+
+def random_steered_policy() -> Policy:
+    """The random policy steered by the random critic, built by deploy_robot's own build_policy."""
+    from real_robot.deploy import build_policy
+
+    return build_policy(deploy_config("steer=true", "steering.critic=random", "steering.k=4"))
+
+
+@pytest.fixture
+def one_torch_thread():
+    """The critic's convolutions on one thread (two spin-wait on a shared 2-core machine)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("make_policy", [random_policy, steered_policy, random_steered_policy],
+                         ids=["random", "steered", "steered_random_critic"])  # fmt: skip
+def test_full_episode(sim_service, connect, one_torch_thread, make_policy) -> None:
+    """A whole episode through make_policy: a steered policy drops in wherever a policy runs."""
     service = sim_service()
-    episode, cfg = run(service, connect, make_policy(), steps=20)
+    policy = make_policy()
+    episode, cfg = run(service, connect, policy, steps=20)
     assert episode.stop_reason == "completed 20 steps" and episode.error is None
     assert len(episode.images) == 21 and len(episode.actions) == 20 and len(episode.states) == 21
     assert episode.images[0].shape == (IMAGE_SIZE, IMAGE_SIZE, 3)
@@ -74,6 +111,17 @@ def test_full_episode(sim_service, connect, make_policy) -> None:
     start = np.array(episode.states[0][:3], np.float64)
     np.testing.assert_allclose(service.arm.target_xyz, start + sent_actions(episode)[:, :3].sum(0), atol=0.01)
     assert service.moves == []  # a completed episode does not move to the safe pose
+    if hasattr(policy, "summary"):  # steered: every control step chose among K scored candidates
+        assert policy.summary()["steps"] == 20 and set(policy.last_stats) == {0}
+
+
+def test_deploy_steering_needs_a_critic() -> None:
+    from configs.errors import UserError
+    from real_robot.deploy import build_policy
+
+    with pytest.raises(UserError, match=r"steering\.critic=<run dir of train_value.py>"):
+        build_policy(deploy_config("steer=true"))
+    assert type(build_policy(deploy_config())).__name__ == "RandomPolicy"  # steer=false: the policy itself
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,253 @@
+"""Q-SFT (Hong, Dragan, Levine, ICLR 2025, arXiv 2411.05193; reference/qsft.md) on robot action tokens.
+
+Token-level MDP: an action a_t is 7 tokens; token j's state is (s_t, a_t^{<j}). Inside an action
+gamma = 1 and the reward is 0; the last token gets the robot step's reward r_t in [0, 1] and
+bootstraps from the first token of the next observation s_{t+1}, discounted by gamma; a terminal
+step takes its reward only. With r = 1 on reaching success and 0 elsewhere, returns lie in [0, 1]
+(Assumption 4.1), so Q is a probability.
+
+    Behaviour policy (Eq. 2):  L(phi)   = - E log pi_phi(a|s)
+    Target (Sec. 4.2):         y(s, a)  = r + gamma' max_{a': pi_phi(a'|s') > floor} pbar(a'|s') / pi_phi(a'|s'),
+                                         clipped to [0, 1]; stop-gradient; s' the next token state
+    Q-SFT loss (Eq. 3):        L(theta) = - E [ y log p_theta(a|s) + sum_{a'!=a} (1-y) / (|A|-1) log p_theta(a'|s) ]
+    dummy-action form:         L(theta) = - E [ y log p_theta(a|s) + (1 - y) log p_theta(a_d|s) ]    (labels=dummy)
+    Target network:            thetabar <- (1 - alpha) thetabar + alpha theta, after every step
+    Selection (Alg. 1, l. 11): pi(a|s) ∝ pi_phi(a|s) exp(beta p_theta(a|s)), token by token
+    Critic (Theorem 4.1):      pi_phi(a|s) Q*(s, a) <= p_theta(a|s) <= Q*(s, a); the backup uses p_theta / pi_phi
+
+|A| = 256: every softmax runs over the action tokens (and, for labels=dummy, one dummy token a_d;
+policies/qsft/backbone.py). Why labels=dummy exists: at the optimum of Eq. 3,
+p(a) = pi(a) y(a) + sum_{a' != a} pi(a') (1 - y(a')) / (|A| - 1), so p / pi = y(a) + O(1 / ((|A| - 1) pi(a))),
+and both p and pi sum to 1, so max_a' p / pi >= 1 whenever no token is cut by the floor. With
+50k text tokens and floor 1e-4 the extra term is below 0.2; with 256 action tokens it reaches ~39,
+and the backup saturates at 1. The dummy form's optimum p(a) = pi(a) y(a) has no such term
+(tests/qsft/test_math.py shows both).
+Deliberate deviations from the author's prototype (reference/qsft.md, Pitfalls): the ratio pairs
+the target and pi_phi at the *same* next state; targets are clipped; selection multiplies by
+pi_phi. Rewards are rescaled from the data's sparse labels (`unit_rewards`), since the data layer's
+default labels are V-GPS's 0 / -1.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from configs.errors import UserError
+from policies.action_tokens import NUM_ACTION_TOKENS
+from policies.base import ACTION_DIM
+from policies.qsft.backbone import Backbone, create_backbone, rebuild_backbone
+from policies.vla import choose
+from values.networks import soft_update
+
+CRITIC_MODES = ("p_theta", "ratio")
+LABELS = ("uniform", "dummy")
+
+# --- loss math -----------------------------------------------------------------------------------
+
+
+def unit_rewards(reward: torch.Tensor, success_reward: float, step_reward: float) -> torch.Tensor:
+    """The data's sparse labels mapped to [0, 1]: step_reward -> 0, success_reward -> 1 (Pitfall 1)."""
+    if success_reward == step_reward:
+        raise UserError("data.reward.success_reward equals step_reward: Q-SFT needs a success signal.")
+    return ((reward - step_reward) / (success_reward - step_reward)).clamp(0.0, 1.0)
+
+
+def log_q(logits: torch.Tensor, labels: str) -> torch.Tensor:
+    """log p_theta(a|s) of the 256 action tokens from Backbone logits (..., 1 + 256) (column 0: the dummy).
+
+    uniform labels: the softmax over the action tokens; dummy labels: over them and the dummy token.
+    """
+    return logits[..., 1:].log_softmax(-1) if labels == "uniform" else logits.log_softmax(-1)[..., 1:]
+
+
+def max_ratio(log_target: torch.Tensor, log_pi: torch.Tensor, floor: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """max_{a': pi(a') > floor} pbar(a') / pi(a') over the last axis (..., A) of log-probabilities -> (...,).
+
+    Also returns the support size. Tokens pi_phi gives at most `floor` are left out, as their
+    ratios explode (Pitfall 2); pi_phi's most likely token always stays in, whatever the floor.
+    """
+    support = (log_pi > math.log(floor)) | (log_pi == log_pi.amax(-1, keepdim=True))
+    return (log_target - log_pi).masked_fill(~support, float("-inf")).amax(-1).exp(), support.sum(-1)
+
+
+def token_targets(
+    reward: torch.Tensor, terminal: torch.Tensor, next_ratio: torch.Tensor, gamma: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Bellman targets of the n tokens of each action: (B,), (B,), (B, n) -> clipped y (B, n), unclipped y.
+
+    next_ratio[:, j] is `max_ratio` at the state after token j: within the action for j < n - 1,
+    the first token of the next observation for j = n - 1. Tokens before the last get reward 0 and
+    gamma = 1; the last gets r + gamma (1 - terminal) next_ratio.
+    """
+    n = next_ratio.shape[1]
+    discount = torch.ones_like(next_ratio)
+    discount[:, -1] = gamma * (1.0 - terminal)
+    rewards = F.pad(reward[:, None], (n - 1, 0))  # (B, n): zeros, then r on the last token
+    raw = rewards + discount * next_ratio
+    return raw.clamp(0.0, 1.0), raw
+
+
+def soft_label_ce(logits: torch.Tensor, index: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Eq. 3 per token: -(y log p[a] + (1 - y) mean_{a' != a} log p[a']); logits (..., A), index, y (...)."""
+    logp = logits.log_softmax(-1)
+    taken = logp.gather(-1, index[..., None])[..., 0]
+    others = (logp.sum(-1) - taken) / (logits.shape[-1] - 1)
+    return -(y * taken + (1.0 - y) * others)
+
+
+def dummy_label_ce(logits: torch.Tensor, index: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The dummy-action form per token: -(y log p[a] + (1 - y) log p[a_d]); logits (..., 1 + A), column 0 = a_d.
+
+    Its optimum is p(a|s) = pi_beta(a|s) y(s, a) for every action a (reference/qsft.md).
+    """
+    logp = logits.log_softmax(-1)
+    return -(y * logp.gather(-1, index[..., None] + 1)[..., 0] + (1.0 - y) * logp[..., 0])
+
+
+def selection_logits(pi_logits: torch.Tensor, q_probs: torch.Tensor, beta: float) -> torch.Tensor:
+    """Logits of pi(a|s) ∝ pi_phi(a|s) exp(beta p_theta(a|s)): log_softmax(pi_logits) + beta p_theta, (..., A)."""
+    return pi_logits.log_softmax(-1) + beta * q_probs
+
+
+# --- the model -----------------------------------------------------------------------------------
+
+
+class QSFTModel(nn.Module):
+    """pi_phi (`pi`), p_theta (`q`) and the Polyak target p_thetabar (`q_target`): three copies of one backbone."""
+
+    chunk = 1
+
+    def __init__(
+        self, pi: Backbone, q: Backbone | None = None, q_target: Backbone | None = None, labels: str = "uniform"
+    ) -> None:
+        super().__init__()
+        if labels not in LABELS:
+            raise UserError(f"policy.model.labels={labels!r}; use one of {', '.join(LABELS)}.")
+        self.pi, self.labels = pi, labels
+        self.q = q if q is not None else copy.deepcopy(pi)  # paper: theta, thetabar start from the same model
+        self.q_target = q_target if q_target is not None else copy.deepcopy(self.q)
+        self.q_target.requires_grad_(False)
+        self.tokens, self.image_size = pi.tokens, pi.image_size
+
+    @classmethod
+    def create(cls, cfg: Any, image_size: int) -> QSFTModel:
+        return cls(create_backbone(cfg, image_size), labels=cfg.labels)
+
+    @classmethod
+    def rebuild(cls, cfg: Any, image_size: int, path: Path) -> QSFTModel:
+        return cls(*(rebuild_backbone(cfg, image_size, path) for _ in range(3)), labels=cfg.labels)
+
+    def files(self) -> dict[str, str]:
+        return self.pi.files()
+
+    def train(self, mode: bool = True) -> QSFTModel:
+        super().train(mode)
+        self.q_target.eval()  # the target never drops out
+        return self
+
+    # --- training --------------------------------------------------------------------------------
+
+    def losses(
+        self, batch: dict[str, Any], gamma: float, floor: float, train_behaviour: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        """(q_loss, bc_loss, metrics) of a transition batch whose `reward` is already in [0, 1].
+
+        One forward per model: p_theta over (s_t, a_t); pi_phi and the target over (s_t, a_t) and
+        s_{t+1} stacked as 2B rows (the next rows carry the same action tokens, which their first
+        row, the only one read, cannot see).
+        """
+        ids = self.tokens.encode(batch["action"])  # (B, 7)
+        index = self.tokens.id_to_index(ids)
+        B, both = ids.shape[0], torch.cat([batch["image"], batch["next_image"]])
+        instructions = list(batch["instruction"]) * 2
+        inputs = ids[:, :-1].repeat(2, 1)
+        q_logits = self.q.action_logits(self.q.prefix(batch["image"], batch["instruction"]), ids[:, :-1])
+        with torch.set_grad_enabled(train_behaviour and torch.is_grad_enabled()):
+            pi_logits = self.pi.action_logits(self.pi.prefix(both, instructions), inputs)[..., 1:]  # (2B, 7, 256)
+        with torch.no_grad():
+            target = log_q(self.q_target.action_logits(self.q_target.prefix(both, instructions), inputs), self.labels)
+            # the token state after token j: rows 1..6 of the action, then row 0 of the next observation
+            after = [torch.cat([x[:B, 1:], x[B:, :1]], dim=1) for x in (target, pi_logits.detach().log_softmax(-1))]
+            ratio, support = max_ratio(*after, floor)
+            y, raw = token_targets(batch["reward"].float(), batch["terminal"].float(), ratio, gamma)
+        if self.labels == "uniform":
+            q_loss = soft_label_ce(q_logits[..., 1:], index, y).mean()
+        else:
+            q_loss = dummy_label_ce(q_logits, index, y).mean()
+        bc_loss = F.cross_entropy(pi_logits[:B].reshape(-1, NUM_ACTION_TOKENS), index.reshape(-1))
+        with torch.no_grad():
+            p = log_q(q_logits, self.labels).exp().gather(-1, index[..., None])[..., 0]  # p_theta(a_j|s, a_<j)
+            metrics = {
+                "q_loss": q_loss.detach(), "bc_loss": bc_loss.detach(),
+                "target": y.mean(), "target_last": y[:, -1].mean(), "target_clipped": (raw > 1).float().mean(),
+                "p_theta": p.mean(), "p_theta_last": p[:, -1].mean(), "ratio_support": support.float().mean(),
+                "token_accuracy": (pi_logits[:B].argmax(-1) == index).float().mean(),
+            }  # fmt: skip
+        return q_loss, bc_loss, metrics
+
+    def update_target(self, rate: float) -> None:
+        """Polyak step of p_thetabar toward p_theta."""
+        soft_update(self.q_target, self.q, rate)
+
+    # --- acting and scoring ----------------------------------------------------------------------
+
+    @torch.no_grad()
+    def select(
+        self, images: torch.Tensor, instructions: Sequence[str], k: int, beta: float, temperature: float = 1.0,
+        top_k: int = 0, generator: torch.Generator | None = None,
+    ) -> torch.Tensor:  # fmt: skip
+        """K actions per observation from pi(a|s) ∝ pi_phi exp(beta p_theta), token by token: ids (N, K, 7).
+
+        Both models prefill their prefix once with the KV cache, repeat it K times, and decode the 7
+        tokens in lockstep (one one-token forward of each per step); temperature 0 = greedy.
+        """
+        if temperature <= 0 and k > 1:
+            return self.select(images, instructions, 1, beta, 0.0, top_k, generator).expand(-1, k, -1).clone()
+        decs = [m.prefill(m.prefix(images, instructions), k) for m in (self.pi, self.q)]
+        chosen = []
+        for step in range(ACTION_DIM):
+            scores = selection_logits(decs[0].logits[:, 1:], log_q(decs[1].logits, self.labels).exp(), beta)
+            index = choose(scores, temperature, top_k, generator)
+            chosen.append(index)
+            if step < ACTION_DIM - 1:
+                for model, dec in zip((self.pi, self.q), decs, strict=True):
+                    model.extend(dec, self.tokens.index_to_id(index)[:, None])
+        ids = self.tokens.index_to_id(torch.stack(chosen, dim=1))
+        return ids.view(-1, k, ACTION_DIM)  # (N * K, 7) -> (N, K, 7)
+
+    @torch.no_grad()
+    def score(self, images: torch.Tensor, instructions: Sequence[str], ids: torch.Tensor, mode: str) -> torch.Tensor:
+        """Q(s, a) of K candidate actions per observation: ids (N, K, 7) -> (N, K).
+
+        gamma = 1 inside an action makes the last token's value the whole action's: p_theta(a_7 |
+        s, a_<7) (`p_theta`, the conservative estimate of Theorem 4.1) or that over pi_phi(a_7 | s, a_<7)
+        (`ratio`, the estimate the backup uses). Each prefix is encoded once, the N * K actions in one
+        batched cached forward per model.
+        """
+        if mode not in CRITIC_MODES:
+            raise UserError(f"Q-SFT critic mode {mode!r}; use one of {', '.join(CRITIC_MODES)}.")
+        N, K, _ = ids.shape
+        flat = ids.reshape(N * K, ACTION_DIM)  # row n * K + j = candidate j of observation n
+        last = self.tokens.id_to_index(flat[:, -1:])
+
+        def last_prob(model: Backbone, labels: str) -> torch.Tensor:
+            logits = model.extend(model.prefill(model.prefix(images, instructions), K), flat[:, :-1])[:, -1]
+            return log_q(logits, labels).exp().gather(-1, last)[:, 0]
+
+        q = last_prob(self.q, self.labels)
+        if mode == "ratio":
+            q = q / last_prob(self.pi, "uniform")  # pi_phi: the softmax over the action tokens
+        return q.view(N, K)
+
+    @torch.no_grad()
+    def evaluate(self, batch: dict[str, Any], gamma: float, floor: float) -> dict[str, torch.Tensor]:
+        """Held-out loss metrics."""
+        return self.losses(batch, gamma, floor, train_behaviour=False)[2]

@@ -1,0 +1,217 @@
+"""`train_qsft.py`: Q-SFT of pi_phi and p_theta (policies/qsft/qsft.py) on prepared robot episodes.
+
+The loop is train_policy's (policies/training.py, whose schedule, logs, RNG capture and metric
+truncation it reuses): batch (loader position = step) -> rewards mapped to [0, 1] -> optional
+augmentation of s and s' with the same crop, drawn from a generator seeded by (seed, step) -> one
+AdamW step on q_loss (+ bc_weight * bc_loss when pi_phi trains jointly), bf16 autocast on GPU ->
+Polyak step of the target -> logs (console, TensorBoard, metrics.jsonl), validation, checkpoints.
+A checkpoint holds pi_phi, p_theta, the target, the optimiser, scheduler, RNG states and step, so a
+killed run resumes exactly; plus the config, statistics and backbone files `policy=qsft` acts with.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import OmegaConf
+from torch import nn
+from tqdm import tqdm
+
+from configs.checkpoint import latest_checkpoint, load_checkpoint, prune_checkpoints
+from configs.errors import UserError
+from configs.run import log_file, new_run_dir, save_config
+from data.loader import build_datasets, make_loader
+from data.prepare import prepare_data
+from policies.config import VLAModelConfig
+from policies.learned import resolve_device, save_policy_checkpoint
+from policies.qsft.config import TrainQSFTConfig
+from policies.qsft.policy import NAME
+from policies.qsft.qsft import QSFTModel, unit_rewards
+from policies.training import (
+    METRICS_FILE,
+    _get_rng,
+    _log,
+    _set_rng,
+    _tensorboard,
+    _truncate_metrics,
+    lr_factor,
+    step_generator,
+)
+
+log = logging.getLogger(__name__)
+BATCH_KEYS = ("image", "next_image", "action", "reward", "terminal")
+
+
+def check_config(cfg: TrainQSFTConfig) -> None:
+    """Fail before anything loads or is written."""
+    if cfg.behaviour not in ("joint", "frozen"):
+        raise UserError(f"behaviour={cfg.behaviour!r}; use joint (SFT alongside) or frozen (trained beforehand).")
+    if not 0 < cfg.pi_floor < 1:
+        raise UserError(f"pi_floor={cfg.pi_floor}: it must lie in (0, 1).")
+    if not 0 <= cfg.gamma <= 1 or not 0 < cfg.polyak <= 1:
+        raise UserError(f"gamma={cfg.gamma} must lie in [0, 1] and polyak={cfg.polyak} in (0, 1].")
+    if cfg.behaviour == "frozen" and not (cfg.policy.model.init or cfg.policy.model.backbone == "hf"):
+        raise UserError("behaviour=frozen keeps pi_phi as initialised: give policy.model.init=<train_policy vla run>.")
+
+
+def make_optimizer(model: QSFTModel, cfg: TrainQSFTConfig) -> tuple[torch.optim.Optimizer, Any]:
+    """AdamW over p_theta (lr) and, if joint, pi_phi (lr_behaviour); no decay on vectors; warm-up + cosine."""
+    if cfg.lr_schedule not in ("cosine", "constant"):
+        raise UserError(f"lr_schedule={cfg.lr_schedule!r}; use cosine or constant.")
+    modules = [(model.q, cfg.lr)] + ([(model.pi, cfg.lr_behaviour)] if cfg.behaviour == "joint" else [])
+    groups = []
+    for module, lr in modules:
+        params = [p for p in module.parameters() if p.requires_grad]
+        groups.append({"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay, "lr": lr})
+        groups.append({"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0, "lr": lr})
+    optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.95))
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, cfg))
+
+
+def train_qsft(cfg: TrainQSFTConfig) -> Path:
+    """Train (or resume); returns the run directory. Inputs are validated before anything is written."""
+    check_config(cfg)
+    device = resolve_device(cfg.device)
+    prepared = prepare_data(cfg.data)
+    torch.manual_seed(cfg.seed)
+    image_size = int(next(iter(prepared.values())).train.image_shape[0])
+    model = QSFTModel.create(cfg.policy.model, image_size).to(device)
+    if cfg.policy.model.backbone == "vla" and cfg.policy.model.init:  # the checkpoint's architecture is the one saved
+        cfg.policy.model.vla = OmegaConf.merge(OmegaConf.structured(VLAModelConfig), model.pi.net.cfg)
+    if cfg.behaviour == "frozen":
+        model.pi.requires_grad_(False)
+    if cfg.gradient_checkpointing:
+        model.pi.gradient_checkpointing()
+        model.q.gradient_checkpointing()
+    train = build_datasets(prepared, cfg.data, "train")
+    val = build_datasets(prepared, cfg.data, "val") if cfg.val_every > 0 else None
+    optimizer, scheduler = make_optimizer(model, cfg)
+    if cfg.resume and latest_checkpoint(cfg.resume) is None:
+        raise UserError(f"resume={cfg.resume}: no checkpoint there to resume from (expected <dir>/checkpoints/step_*).")
+    run_dir = Path(cfg.resume) if cfg.resume else new_run_dir(cfg.run_root, "train_qsft", cfg.name)
+    start = _resume(run_dir, model, optimizer, scheduler, device)
+    save_config(cfg, run_dir)
+    meta = {
+        "policy": NAME, "image_size": image_size, "chunk": 1, "normalization": cfg.data.normalization,
+        "datasets": train[0].names, "instructions": train[0].instructions, "gamma": cfg.gamma,
+    }  # fmt: skip
+    run = {"dir": run_dir, "stats": {n: p.stats for n, p in prepared.items()}, "meta": meta, "device": device}
+    with log_file(run_dir):
+        log.info(
+            "run %s: Q-SFT on a %s backbone (3 x %.2fM parameters) on %s, %d train transitions, start at step %d",
+            run_dir, cfg.policy.model.backbone, sum(p.numel() for p in model.q.parameters()) / 1e6, device,
+            len(train[0]), start,
+        )  # fmt: skip
+        _loop(cfg, model, optimizer, scheduler, train, val, start, run)
+    return run_dir
+
+
+def _resume(run_dir: Path, model: nn.Module, optimizer: Any, scheduler: Any, device: torch.device) -> int:
+    ckpt = latest_checkpoint(run_dir)
+    if ckpt is None:
+        return 0
+    state, meta = load_checkpoint(ckpt, device)
+    model.load_state_dict({k: v for k, v in state.items() if isinstance(v, torch.Tensor)})
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    _set_rng(state["rng"])
+    step = int(meta["step"])
+    _truncate_metrics(run_dir / METRICS_FILE, step)
+    log.info("resumed from %s (step %d)", ckpt, step)
+    return step
+
+
+def to_device(raw: dict[str, Any], cfg: TrainQSFTConfig, device: torch.device) -> dict[str, Any]:
+    """The transition keys Q-SFT reads, on the device, with rewards mapped to [0, 1]."""
+    batch = {k: raw[k].to(device, non_blocking=True) for k in BATCH_KEYS}
+    batch["reward"] = unit_rewards(batch["reward"], cfg.data.reward.success_reward, cfg.data.reward.step_reward)
+    batch["instruction"] = raw["instruction"]
+    return batch
+
+
+def _loop(cfg: TrainQSFTConfig, model: QSFTModel, optimizer: Any, scheduler: Any, train: tuple, val: tuple | None,
+          start: int, run: dict[str, Any]) -> None:  # fmt: skip
+    device = run["device"]
+    loader = make_loader(
+        train[0], train[1], cfg.batch_size, seed=cfg.seed, num_workers=cfg.data.num_workers, backend=cfg.data.loader,
+        start_batch=start, num_batches=max(cfg.steps - start, 0), pin_memory=device.type == "cuda",
+    )  # fmt: skip
+    writer = _tensorboard(run["dir"])
+    bar = tqdm(total=cfg.steps, initial=start, desc="train qsft", dynamic_ncols=True)
+    autocast = cfg.bf16 and device.type == "cuda"
+    sums: dict[str, torch.Tensor] = {}
+    count, tick = 0, time.perf_counter()
+    model.train()
+    for step, raw in enumerate(loader, start=start):
+        metrics = _train_step(cfg, model, optimizer, scheduler, to_device(raw, cfg, device), step, autocast)
+        sums = {k: sums.get(k, 0.0) + v for k, v in metrics.items()}  # tensors: no device sync per step
+        count, done = count + 1, step + 1
+        bar.update()
+        if done % cfg.log_every == 0 or done == cfg.steps:
+            logged = {f"train/{k}": float(v) / count for k, v in sums.items()}
+            if not math.isfinite(logged["train/loss"]):
+                raise FloatingPointError(f"non-finite training loss in the {count} steps up to step {done}")
+            logged["train/lr"] = scheduler.get_last_lr()[0]
+            logged["train/samples_per_s"] = count * cfg.batch_size / (time.perf_counter() - tick)
+            _log(writer, bar, run["dir"], logged, done)
+            sums, count, tick = {}, 0, time.perf_counter()
+        if val is not None and (done % cfg.val_every == 0 or done == cfg.steps):
+            _log(writer, bar, run["dir"], validate(model, val, cfg, device, autocast), done)
+        if done % cfg.ckpt_every == 0 or done == cfg.steps:
+            _save(cfg, model, optimizer, scheduler, run, done)
+    bar.close()
+    writer.close()
+
+
+def _train_step(cfg: TrainQSFTConfig, model: QSFTModel, optimizer: Any, scheduler: Any, batch: dict[str, Any],
+                step: int, autocast: bool) -> dict[str, torch.Tensor]:  # fmt: skip
+    if cfg.augment:
+        from data.augment import augment_pair
+
+        g = step_generator(cfg.seed, step, batch["image"].device)
+        batch["image"], batch["next_image"] = augment_pair(batch["image"], batch["next_image"], g)
+    joint = cfg.behaviour == "joint"
+    with torch.autocast(batch["image"].device.type, dtype=torch.bfloat16, enabled=autocast):
+        q_loss, bc_loss, metrics = model.losses(batch, cfg.gamma, cfg.pi_floor, train_behaviour=joint)
+    loss = q_loss + cfg.bc_weight * bc_loss if joint else q_loss
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if cfg.grad_clip > 0:
+        metrics["grad_norm_q"] = nn.utils.clip_grad_norm_(model.q.parameters(), cfg.grad_clip)
+        if joint:
+            metrics["grad_norm_pi"] = nn.utils.clip_grad_norm_(model.pi.parameters(), cfg.grad_clip)
+    optimizer.step()
+    scheduler.step()
+    model.update_target(cfg.polyak)
+    metrics["loss"] = loss.detach()
+    return {k: v.detach() for k, v in metrics.items()}
+
+
+@torch.no_grad()
+def validate(model: QSFTModel, val: tuple, cfg: TrainQSFTConfig, device: torch.device,
+             autocast: bool) -> dict[str, float]:  # fmt: skip
+    """Mean loss metrics over `val_batches` held-out batches (fixed order)."""
+    loader: Iterable = make_loader(val[0], val[1], cfg.batch_size, seed=cfg.seed + 1, num_workers=cfg.data.num_workers,
+                                   backend=cfg.data.loader, num_batches=cfg.val_batches)  # fmt: skip
+    model.eval()
+    sums: dict[str, float] = {}
+    for raw in loader:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+            metrics = model.evaluate(to_device(raw, cfg, device), cfg.gamma, cfg.pi_floor)
+        sums = {k: sums.get(k, 0.0) + float(v) for k, v in metrics.items()}
+    model.train()
+    return {f"val/{k}": v / max(cfg.val_batches, 1) for k, v in sums.items()}
+
+
+def _save(cfg: TrainQSFTConfig, model: QSFTModel, optimizer: Any, scheduler: Any, run: dict, step: int) -> Path:
+    trainer = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": _get_rng()}
+    path = save_policy_checkpoint(run["dir"], step, model, trainer, cfg, run["stats"], run["meta"])
+    prune_checkpoints(run["dir"], max(cfg.keep_checkpoints, 1))
+    log.info("saved %s", path)
+    return path

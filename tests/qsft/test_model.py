@@ -1,0 +1,131 @@
+"""QSFTModel on a tiny VLA backbone: the action boundary inside the loss, selection, critic batching, Polyak."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from policies.qsft.qsft import QSFTModel, log_q, max_ratio, selection_logits, soft_label_ce, token_targets
+from tests.qsft.helpers import images, tiny_qsft_model
+
+INSTRUCTIONS = ["reach forward", "go", "pick up the red cube", "go"]
+
+
+@pytest.fixture(scope="module")
+def model() -> QSFTModel:
+    torch.set_num_threads(1)
+    m = tiny_qsft_model(0).eval()
+    with torch.no_grad():  # three different networks, as after some training
+        for p in m.q.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+        for p in m.q_target.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return m
+
+
+def batch(b: int = 4, seed: int = 0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "image": images(b, seed), "next_image": images(b, seed + 100), "action": torch.rand(b, 7, generator=g) * 2 - 1,
+        "reward": torch.tensor([0.0, 0.0, 1.0, 0.0])[:b], "terminal": torch.tensor([0.0, 0.0, 1.0, 0.0])[:b],
+        "instruction": INSTRUCTIONS[:b],
+    }  # fmt: skip
+
+
+def test_loss_wires_the_action_boundary(model: QSFTModel, monkeypatch) -> None:
+    """Token j < 6 bootstraps from row j + 1 of (s, a); token 6 from row 0 of s'; one forward per model."""
+    B, data = 4, batch()
+    torch.manual_seed(1)
+    logits = {"pi": torch.randn(2 * B, 7, 257), "q": torch.randn(B, 7, 257), "q_target": torch.randn(2 * B, 7, 257)}
+    seen: dict[str, list] = {name: [] for name in logits}
+    for name, table in logits.items():
+        backbone = getattr(model, name)
+        monkeypatch.setattr(backbone, "prefix", lambda im, ins, n=name: seen[n].append((im.clone(), list(ins))))
+        monkeypatch.setattr(backbone, "action_logits", lambda prefix, ids, t=table: t.clone())
+    q_loss, _, metrics = model.losses(data, gamma=0.9, floor=1e-4)
+    assert [len(v) for v in seen.values()] == [1, 1, 1]  # one batched forward per model
+    both = torch.cat([data["image"], data["next_image"]])
+    assert torch.equal(seen["pi"][0][0], both) and seen["pi"][0][1] == INSTRUCTIONS * 2
+    assert torch.equal(seen["q"][0][0], data["image"])
+    pi, target = logits["pi"][..., 1:].log_softmax(-1), log_q(logits["q_target"], "uniform")
+    expected = torch.zeros(B, 7)
+    for j in range(7):  # the per-token loop the model does without
+        row, half = (j + 1, slice(0, B)) if j < 6 else (0, slice(B, 2 * B))
+        expected[:, j] = max_ratio(target[half, row], pi[half, row], 1e-4)[0]
+    y, _ = token_targets(data["reward"], data["terminal"], expected, 0.9)
+    assert y[2, 6] == 1.0  # the terminal success takes its reward only
+    index = model.tokens.id_to_index(model.tokens.encode(data["action"]))
+    torch.testing.assert_close(q_loss, soft_label_ce(logits["q"][..., 1:], index, y).mean())
+    torch.testing.assert_close(metrics["target"], y.mean())
+
+
+def test_gradients_reach_the_trained_models_only(model: QSFTModel) -> None:
+    model.zero_grad(set_to_none=True)
+    q_loss, bc_loss, _ = model.losses(batch(), 0.98, 1e-4, train_behaviour=True)
+    (q_loss + bc_loss).backward()
+    assert all(p.grad is None for p in model.q_target.parameters())
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.q.parameters())
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.pi.parameters())
+    model.zero_grad(set_to_none=True)
+    q_loss, bc_loss, _ = model.losses(batch(), 0.98, 1e-4, train_behaviour=False)
+    assert not bc_loss.requires_grad and q_loss.requires_grad
+    model.zero_grad(set_to_none=True)
+
+
+@torch.no_grad()
+def test_greedy_selection_is_the_rule_decoded_token_by_token(model: QSFTModel) -> None:
+    """KV-cached select == argmax of log pi_phi + beta p_theta recomputed with full forwards; beta 0 == pi_phi."""
+    ims, texts = images(2, 5), ["go", "pick up the red cube"]
+    beta = 3.0
+    chosen = model.select(ims, texts, 3, beta, temperature=0.0)
+    assert chosen.shape == (2, 3, 7) and (chosen == chosen[:, :1]).all()
+    ids = torch.empty(2, 0, dtype=torch.long)
+    for _ in range(7):
+        pi = model.pi.action_logits(model.pi.prefix(ims, texts), ids)[:, -1, 1:]
+        q = log_q(model.q.action_logits(model.q.prefix(ims, texts), ids)[:, -1], "uniform").exp()
+        ids = torch.cat([ids, model.tokens.index_to_id(selection_logits(pi, q, beta).argmax(-1))[:, None]], dim=1)
+    assert torch.equal(chosen[:, 0], ids)
+    plain, _ = model.pi.net.sample(ims, texts, 1, temperature=0.0)
+    assert torch.equal(model.select(ims, texts, 1, 0.0, temperature=0.0), plain)
+
+
+@torch.no_grad()
+def test_sampled_selection_stays_in_the_action_vocabulary(model: QSFTModel) -> None:
+    g = torch.Generator().manual_seed(0)
+    ids = model.select(images(2, 6), ["go", "reach"], 16, 1.0, temperature=1.0, generator=g)
+    assert ids.shape == (2, 16, 7) and model.tokens.is_action(ids).all()
+    assert len({tuple(a.tolist()) for a in ids[0]}) > 1
+
+
+@pytest.mark.parametrize("mode", ["p_theta", "ratio"])
+@torch.no_grad()
+def test_critic_batch_equals_one_action_at_a_time(model: QSFTModel, mode: str) -> None:
+    ims, texts = images(2, 7), ["go", "pick up the red cube"]
+    ids = model.tokens.encode(torch.rand(2, 5, 7) * 2 - 1)
+    scores = model.score(ims, texts, ids, mode)
+    assert scores.shape == (2, 5) and (scores > 0).all()
+    for n in range(2):
+        for k in range(5):
+            one = model.score(ims[n : n + 1], texts[n : n + 1], ids[n : n + 1, k : k + 1], mode)
+            torch.testing.assert_close(one[0, 0], scores[n, k], rtol=1e-4, atol=1e-6)
+    # and equals p_theta(a_7 | s, a_<7) from an uncached forward
+    last = model.tokens.id_to_index(ids[0, :, -1])
+    full = model.q.action_logits(model.q.prefix(ims[:1].expand(5, -1, -1, -1), texts[:1] * 5), ids[0, :, :-1])
+    p = full[:, -1, 1:].softmax(-1)[torch.arange(5), last]
+    if mode == "ratio":
+        pi = model.pi.action_logits(model.pi.prefix(ims[:1].expand(5, -1, -1, -1), texts[:1] * 5), ids[0, :, :-1])
+        p = p / pi[:, -1, 1:].softmax(-1)[torch.arange(5), last]
+    else:
+        assert (scores <= 1).all()
+    torch.testing.assert_close(scores[0], p, rtol=1e-4, atol=1e-6)
+
+
+def test_polyak_update() -> None:
+    m = tiny_qsft_model(1)
+    with torch.no_grad():
+        for p in m.q.parameters():
+            p.add_(1.0)
+    before = [p.clone() for p in m.q_target.parameters()]
+    m.update_target(0.25)
+    for old, new, online in zip(before, m.q_target.parameters(), m.q.parameters(), strict=True):
+        torch.testing.assert_close(new, 0.75 * old + 0.25 * online)
