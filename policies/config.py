@@ -153,9 +153,10 @@ class FlowPolicyConfig(LearnedPolicyConfig):
 class SteerConfig:
     """V-GPS value steering (policies/steering.py), used with `steer=true`: `steering.<field>=<value>`."""
 
-    # The critic: a train_value.py run directory (its latest checkpoint) or checkpoint directory;
-    # required with steer=true. "random" scores candidates i.i.d. at random: the sanity check that
-    # a gain comes from the learned values (V-GPS's "random-selecting" ablation).
+    # The critic: a train_value.py run directory (its latest checkpoint) or checkpoint directory, or
+    # a train_qsft.py one (its Q-model scores the candidates); required with steer=true. "random"
+    # scores candidates i.i.d. at random: the sanity check that a gain comes from the learned values
+    # (V-GPS's "random-selecting" ablation).
     critic: str | None = None
     # Candidate chunks sampled from the policy per step (V-GPS: 10 in eval_vgps.py, 50 in eval_vgps.sh).
     k: int = 10
@@ -163,6 +164,9 @@ class SteerConfig:
     beta: float = 1.0
     # Critic parameters: target (V-GPS) or online.
     params: str = "target"
+    # With a Q-SFT checkpoint (train_qsft.py) as the critic: p_theta (the paper's conservative
+    # estimate of Q) or ratio (p_theta / pi_phi, the estimate the backup uses); docs/qsft.md compares them.
+    qsft_mode: str = "p_theta"
     # Which training dataset's statistics normalise queried actions (a critic trained on a mixture);
     # null = its only dataset.
     dataset: str | None = None

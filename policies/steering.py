@@ -28,6 +28,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
@@ -244,6 +245,10 @@ def make_steered_policy(base: Policy, options: Any) -> ValueSteeredPolicy:
     cfg = check_steering(options)
     if cfg.critic == "random":
         critic: Scorer = RandomScorer(cfg.seed)
+    elif _is_qsft(Path(cfg.critic)):
+        from policies.qsft.policy import load_qsft_critic
+
+        critic = load_qsft_critic(cfg.critic, cfg.qsft_mode, cfg.device, cfg.dataset)
     else:
         from policies.learned import resolve_device
         from values.critic import load_critic
@@ -287,8 +292,18 @@ def check_steering(options: Any) -> Any:
             path = resolve_checkpoint(cfg.critic)
         except UserError as err:
             raise UserError(f"steering.critic={cfg.critic}: {err}") from None
-        if not (path / "language.json").is_file():
-            raise UserError(f"steering.critic={cfg.critic}: {path} is not a critic checkpoint (train_value.py writes "
-                            "language.json beside the weights).")  # fmt: skip
+        if not (path / "language.json").is_file() and not _is_qsft(path):
+            raise UserError(f"steering.critic={cfg.critic}: {path} is neither a critic checkpoint of train_value.py "
+                            "(language.json beside the weights) nor a Q-SFT checkpoint of train_qsft.py.")  # fmt: skip
         cfg.critic = str(path)
+    if cfg.qsft_mode not in ("p_theta", "ratio"):
+        raise UserError(f"steering.qsft_mode={cfg.qsft_mode!r}: choose p_theta or ratio.")
     return cfg
+
+
+def _is_qsft(path: Path) -> bool:
+    """A train_qsft.py checkpoint directory (its meta.json names the qsft policy)."""
+    import json
+
+    meta = path / "meta.json"
+    return meta.is_file() and json.loads(meta.read_text()).get("policy") == "qsft"

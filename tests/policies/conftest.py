@@ -62,10 +62,13 @@ def fake_stats(seed: int = 0) -> dict[str, Any]:
 
 def tiny_checkpoint(name: str, root: Path, seed: int = 0) -> Path:
     """A checkpoint of a randomly initialised tiny `name` model, as train_policy writes it."""
+    import importlib
+
     import torch
 
     from policies.learned import MODELS, save_policy_checkpoint
 
+    importlib.import_module(f"policies.{name}")  # registers the model class
     cfg = tiny_model_config(name)
     torch.manual_seed(seed)
     model = MODELS.get(name).create(cfg.policy.model, IMAGE_SIZE)

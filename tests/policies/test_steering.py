@@ -293,7 +293,7 @@ def test_steering_options_fail_with_the_fix(tmp_path: Path) -> None:
     with pytest.raises(UserError, match=r"steering.critic=.*nowhere: No checkpoint at"):
         make_steered_policy(base, {"critic": str(tmp_path / "nowhere")})
     policy_ckpt = tiny_checkpoint("flow", tmp_path / "flow")
-    with pytest.raises(UserError, match="is not a critic checkpoint"):
+    with pytest.raises(UserError, match=r"is neither a critic checkpoint of train_value\.py"):
         make_steered_policy(base, {"critic": str(policy_ckpt)})
     with pytest.raises(UserError, match=r"steering\.k=0"):
         make_steered_policy(base, {"critic": "random", "k": 0})
@@ -330,3 +330,22 @@ def test_steered_policies_keep_the_policy_contract(name: str, critic: str, tmp_p
     first_b = b.act_batch([o0, obs(2, "go")], [0, 1])
     np.testing.assert_allclose(first_a[0], first_b[0], rtol=1e-5, atol=1e-6)
     a.close()
+
+
+@pytest.mark.parametrize("mode", ["p_theta", "ratio"])
+def test_a_qsft_checkpoint_steers_another_policy(mode: str, tmp_path: Path) -> None:
+    from policies.qsft.policy import load_qsft_critic
+    from tests.qsft.helpers import tiny_qsft_checkpoint
+
+    ckpt = tiny_qsft_checkpoint(tmp_path / "qsft")
+    steered = make_steered_policy(Candidates(chunk=1), {"critic": str(ckpt), "k": 6, "beta": 0, "qsft_mode": mode,
+                                                        "device": "cpu"})  # fmt: skip
+    steered.reset("reach forward")
+    o = obs(0)
+    chunk = steered.act(o)
+    candidates = Candidates(chunk=1).sample_actions(o, 6)[:, 0]
+    q = load_qsft_critic(ckpt, mode, device="cpu").score(dict(o, instruction="reach forward"), candidates).numpy()
+    assert chosen_index(chunk) == int(np.argmax(q))
+    np.testing.assert_allclose(steered.last_stats[0].q_max, q.max(), rtol=1e-5)
+    with pytest.raises(UserError, match=r"steering\.qsft_mode='best'"):
+        make_steered_policy(Candidates(), {"critic": str(ckpt), "qsft_mode": "best"})
