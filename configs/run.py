@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import os
 import random
 import sys
 from collections.abc import Callable, Iterator
@@ -145,3 +146,15 @@ def check_group_choices(overrides: list[str]) -> None:
         for yaml in group_dir.glob("*.yaml"):
             options.register(yaml.stem)(yaml.stem)
         options.get(value)
+
+
+def tensorboard_writer(run_dir: Path) -> Any:
+    """A TensorBoard SummaryWriter on `<run_dir>/tb`.
+
+    tensorboard imports TensorFlow when it is installed (the `rlds` extra): its C++ start-up banner
+    is silenced here. Only non-rendering processes (the trainers) write TensorBoard scalars.
+    """
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    from torch.utils.tensorboard import SummaryWriter
+
+    return SummaryWriter(str(Path(run_dir) / "tb"))

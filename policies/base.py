@@ -90,19 +90,40 @@ def make_policy(cfg: Any) -> Policy:
     """Build the policy named by `cfg.name` from its config."""
     if cfg is None or "name" not in cfg:
         raise UserError("The policy config has no `name`; choose one with policy=<name>.")
-    _import_policy_modules()
+    skipped = _import_policy_modules(until=cfg.name)
+    if cfg.name not in POLICIES and skipped:
+        missing = ", ".join(f"{m} (needs {p})" for m, p in skipped.items())
+        raise UserError(f"{POLICIES.unknown_message(cfg.name)} Not importable in this environment: {missing}.")
     return POLICIES.get(cfg.name)(cfg)
 
 
 # Modules that register policies; imported on demand so that light processes stay light.
 POLICY_MODULES: list[str] = ["policies.vla", "policies.flow", "policies.qsft.policy", "sim.experts"]
+# The numpy-only ones are imported first, so that `make_policy` finds them in Octo's environment
+# without touching the torch ones.
+LIGHT_POLICY_MODULES: list[str] = ["policies.remote", "policies.octo"]
+_FIRST_PARTY = ("configs", "data", "values", "policies", "sim", "real_robot")
 
 
-def _import_policy_modules() -> None:
+def _import_policy_modules(until: str | None = None) -> dict[str, str]:
+    """Import the registering modules: all of them, or (`make_policy`) only until `until` is registered.
+
+    In the second mode a module whose third-party dependency is missing (torch, in Octo's
+    environment) is skipped; the result maps each skipped module to the missing package.
+    """
     import importlib
 
-    for module in POLICY_MODULES:
-        importlib.import_module(module)
+    skipped: dict[str, str] = {}
+    for module in [*LIGHT_POLICY_MODULES, *POLICY_MODULES]:
+        if until is not None and until in POLICIES:
+            break
+        try:
+            importlib.import_module(module)
+        except ModuleNotFoundError as err:
+            if until is None or (err.name or "").split(".")[0] in _FIRST_PARTY:
+                raise
+            skipped[module] = err.name or "?"
+    return skipped
 
 
 class RandomPolicy(Policy):

@@ -185,6 +185,74 @@ class SteerConfig:
     ensemble_temp: float = 0.0
 
 
+# --- served policies (policies/remote.py, policies/server.py, policies/octo.py; docs/serving.md) ----
+
+
+@dataclass
+class RemotePolicyConfig(PolicyConfig):
+    """A policy behind `serve_policy.py` (or any server of its wire format), as a client."""
+
+    name: str = "remote"
+    # Server host name or address, or a full ws:// / wss:// URI (then `port` is ignored).
+    host: str = "localhost"
+    port: int = 8000
+    # Seconds to wait for each reply; a later reply is discarded. Octo compiles on the first call of
+    # each K (tens of seconds) unless the server warms up (serve_policy.py warmup_k=[1,10]).
+    timeout_s: float = 30.0
+    # Seconds to keep retrying while the server is not up yet.
+    connect_timeout_s: float = 30.0
+    # Sent as openpi's `Authorization: Api-Key <key>` header; must match the server's api_key.
+    api_key: str | None = None
+
+
+@dataclass
+class OctoPolicyConfig(PolicyConfig):
+    """Octo in its own JAX environment, served by `serve_policy.py policy=octo` (policies/octo.py)."""
+
+    name: str = "octo"
+    # `hf://rail-berkeley/octo-small-1.5` (also octo-base-1.5) or a checkpoint directory.
+    checkpoint: str = "hf://rail-berkeley/octo-small-1.5"
+    # Checkpoint step of a directory with several (null = the latest; not for hf://).
+    step: int | None = None
+    # Key of model.dataset_statistics whose action statistics un-normalise the actions (Bridge/WidowX).
+    dataset: str = "bridge_dataset"
+    # Observation history (Octo 1.5: up to 2) and actions per predicted chunk (Octo: 4).
+    window: int = 2
+    chunk: int = 4
+    # Primary image side after resizing (Octo's primary camera: 256).
+    image_size: int = 256
+    # Seed of the diffusion head's noise (per slot: [seed, slot]).
+    seed: int = 0
+    # `act`: re-plan every exec_horizon steps, or temporal ensembling (SimplerEnv's Octo setting:
+    # exec_horizon 1, ensembling with uniform weights, ensemble_temp 0).
+    exec_horizon: int = 1
+    ensemble: bool = True
+    ensemble_temp: float = 0.0
+
+
+@dataclass
+class ServePolicyConfig:
+    """`python serve_policy.py policy=<name> port=8000` (policies/server.py)."""
+
+    # The policy group: the policy that is served; each connection gets its own instance.
+    policy: Any = MISSING
+    # Interface to listen on (0.0.0.0: every interface; 127.0.0.1: this machine only) and port.
+    host: str = "0.0.0.0"
+    port: int = 8000
+    # Largest request in bytes that gets an answer; a larger one gets an error reply, and one over
+    # twice this closes its connection (code 1009). A 256 x 256 RGB observation is ~197 kB.
+    max_size: int = 16 * 2**20
+    # Connections served at once; more are refused (close code 1013).
+    max_clients: int = 4
+    # Largest K of a sample_actions request.
+    max_k: int = 1024
+    # If set, clients must send it (openpi's `Authorization: Api-Key <key>`); /healthz stays open.
+    api_key: str | None = None
+    # Run sample_actions once per K listed before serving (JAX compiles once per K: Octo takes tens of
+    # seconds), e.g. [1, 10] for act and steering with K=10.
+    warmup_k: list[int] = field(default_factory=list)
+
+
 # --- training ------------------------------------------------------------------------------------
 
 
@@ -232,3 +300,6 @@ def register(cs: Any) -> None:
     cs.store(group="policy", name="vla_schema", node=VLAPolicyConfig)
     cs.store(group="policy", name="flow_schema", node=FlowPolicyConfig)
     cs.store(name="train_policy_schema", node=TrainPolicyConfig)
+    cs.store(group="policy", name="remote_schema", node=RemotePolicyConfig)
+    cs.store(group="policy", name="octo_schema", node=OctoPolicyConfig)
+    cs.store(name="serve_policy_schema", node=ServePolicyConfig)

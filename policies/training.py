@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from configs.checkpoint import latest_checkpoint, load_checkpoint, prune_checkpoints
 from configs.errors import UserError
-from configs.run import log_file, new_run_dir, save_config
+from configs.run import log_file, new_run_dir, save_config, tensorboard_writer
 from data.loader import MixtureDataset, build_datasets, make_loader
 from data.prepare import prepare_data
 from policies import flow, vla  # noqa: F401 - register the models
@@ -138,7 +138,7 @@ def _loop(cfg: TrainPolicyConfig, model: nn.Module, optimizer: Any, scheduler: A
         train[0], train[1], cfg.batch_size, seed=cfg.seed, num_workers=cfg.data.num_workers, backend=cfg.data.loader,
         start_batch=start, num_batches=max(cfg.steps - start, 0), pin_memory=device.type == "cuda",
     )  # fmt: skip
-    writer = _tensorboard(run["dir"])
+    writer = tensorboard_writer(run["dir"])
     bar = tqdm(total=cfg.steps, initial=start, desc=f"train {cfg.policy.name}", dynamic_ncols=True)
     autocast = cfg.bf16 and device.type == "cuda"
     sums: dict[str, torch.Tensor] = {}
@@ -200,12 +200,6 @@ def validate(model: nn.Module, val: tuple[MixtureDataset, list[float]], cfg: Tra
 
 
 # --- logs and checkpoints ------------------------------------------------------------------------
-
-
-def _tensorboard(run_dir: Path) -> Any:
-    from torch.utils.tensorboard import SummaryWriter
-
-    return SummaryWriter(str(run_dir / "tb"))
 
 
 def _log(writer: Any, bar: tqdm, run_dir: Path, metrics: dict[str, float], step: int) -> None:

@@ -23,7 +23,7 @@ from tqdm import tqdm
 from configs.checkpoint import latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint
 from configs.errors import UserError
 from configs.registry import Registry
-from configs.run import log_file, new_run_dir, save_config
+from configs.run import log_file, new_run_dir, save_config, tensorboard_writer
 from data.augment import augment_pair
 from data.loader import MixtureDataset, build_datasets, make_loader
 from data.prepare import prepare_data
@@ -198,7 +198,7 @@ def _loop(cfg: TrainValueConfig, agent: Agent, dist: Distributed, device: torch.
         backend=cfg.data.loader, rank=dist.rank, world_size=dist.world, start_batch=start,
         num_batches=max(cfg.steps - start, 0), pin_memory=device.type == "cuda",
     )  # fmt: skip
-    writer = _tensorboard(state["run_dir"]) if dist.main else None
+    writer = tensorboard_writer(state["run_dir"]) if dist.main else None
     bar = tqdm(
         total=cfg.steps, initial=start, desc=f"train {cfg.value.algo}", disable=not dist.main, dynamic_ncols=True
     )
@@ -226,12 +226,6 @@ def _loop(cfg: TrainValueConfig, agent: Agent, dist: Distributed, device: torch.
     bar.close()
     if writer is not None:
         writer.close()
-
-
-def _tensorboard(run_dir: Path) -> Any:
-    from torch.utils.tensorboard import SummaryWriter
-
-    return SummaryWriter(str(run_dir / "tb"))
 
 
 def _log(writer: Any, bar: tqdm, prefix: str, metrics: dict[str, float], step: int) -> None:

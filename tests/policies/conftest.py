@@ -7,6 +7,7 @@ machine in well under a second. A newly registered policy must add its builder t
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -92,12 +93,37 @@ def _qsft(root: Path) -> DictConfig:
     return qsft_contract_config(root)
 
 
+@functools.cache
+def _random_policy_server() -> Any:
+    """One server of the `random` policy on a free loopback port for the whole session (daemon threads)."""
+    from policies.base import make_policy
+    from policies.server import PolicyServer
+
+    cfg = compose_config(["policy=random", "policy.chunk=2"]).policy
+    return PolicyServer(lambda: make_policy(cfg), host="127.0.0.1", port=0, max_clients=64).start()
+
+
+def _remote(root: Path) -> DictConfig:
+    """A client of `_random_policy_server` (each client gets its own server-side policy)."""
+    cfg = compose_config(["policy=remote"]).policy
+    cfg.host, cfg.port, cfg.timeout_s = "127.0.0.1", _random_policy_server().port, 10.0
+    return cfg
+
+
+def _octo(root: Path) -> DictConfig:
+    reason = "Octo runs in its own JAX environment (docs/serving.md); tests/serve/test_octo.py covers its logic"
+    pytest.importorskip("octo.model.octo_model", reason=reason)
+    return compose_config(["policy=octo"]).policy
+
+
 CONTRACT_BUILDERS: dict[str, Callable[[Path], DictConfig]] = {
     "random": lambda root: compose_config(["policy=random"]).policy,
     "vla": _learned("vla"),
     "flow": _learned("flow"),
     "qsft": _qsft,
     "scripted": lambda root: compose_config(["policy=scripted"]).policy,
+    "remote": _remote,
+    "octo": _octo,
 }
 
 

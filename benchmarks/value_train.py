@@ -1,0 +1,185 @@
+"""Value-learning throughput (Cal-QL or IQL), end to end and by part: where does a training step go?
+
+    python benchmarks/value_train.py                                  # GPU: batch 256, 256 px, ResNet-34, Cal-QL
+    python benchmarks/value_train.py --compile --workers 12           # torch.compile of the encoders
+    python benchmarks/value_train.py --device cpu --arch resnet10t --image-size 64 --batch 64 \\
+        --steps 10 --label "CPU smoke run"
+
+The data is a synthetic dataset in the exact `bridge_dataset` 1.0.0 format (256x256 JPEG image_0,
+generated once under --cache), prepared into robosteer's store (`--image-format raw` decoded frames,
+or `jpeg`) and read by the training loader, i.e. what `python train_value.py data=bridge` runs.
+Measured, in samples (transitions) per second, each after --warmup steps:
+
+- data:        the loader alone (batches as the trainer receives them, on the host),
+- model:       `agent.update` alone on one batch already on the device (no data at all),
+- end_to_end:  the train_value loop: loader -> device -> embeddings -> negatives -> augment -> update,
+and per-step milliseconds of that loop split into `wait_data` (blocked on the loader), `to_device`
+(copies, embedding lookup, relabelling, augmentation) and `update` (forward, backward, optimiser, target
+networks; CUDA synchronised so the time lands in the right bucket).
+
+Goal (issue 4, one H100): >= 6,000 samples/s end to end at batch 256, 256 px, ResNet-34.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+
+def parse() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--device", default="auto")
+    p.add_argument("--algo", default="calql", choices=["calql", "iql"])
+    p.add_argument("--arch", default="resnet34")
+    p.add_argument("--batch", type=int, default=256)
+    p.add_argument("--image-size", type=int, default=256)
+    p.add_argument("--image-format", default="raw", choices=["raw", "jpeg"])
+    p.add_argument("--workers", type=int, default=8, help="loader workers")
+    p.add_argument("--loader", default="threads", choices=["threads", "processes"])
+    p.add_argument("--episodes", type=int, default=150, help="synthetic episodes (38 steps each)")
+    p.add_argument("--steps", type=int, default=50, help="measured steps per configuration")
+    p.add_argument("--warmup", type=int, default=10)
+    p.add_argument("--compile", action="store_true")
+    p.add_argument("--no-bf16", action="store_true")
+    p.add_argument("--no-channels-last", action="store_true")
+    p.add_argument("--cache", default=str(Path(tempfile.gettempdir()) / "robosteer_bench_value"))
+    p.add_argument("--label", default="")
+    p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "value_train.json"))
+    return p.parse_args()
+
+
+def config(args: argparse.Namespace, data_dir: str):
+    """The train_value config of this measurement (hydra compose, as the entry point builds it)."""
+    from hydra import compose, initialize_config_dir
+
+    from configs.schema import register
+
+    register()
+    overrides = [
+        "data=bridge", f"data.data_dir={data_dir}", f"data.image_size={args.image_size}",
+        f"data.datasets.bridge.image_format={args.image_format}", f"data.num_workers={args.workers}",
+        f"data.loader={args.loader}", f"value={args.algo}", f"value.encoder.arch={args.arch}",
+        f"batch_size={args.batch}", f"device={args.device}", f"compile={args.compile}",
+        f"bf16={not args.no_bf16}", f"channels_last={not args.no_channels_last}",
+    ]  # fmt: skip
+    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base=None):
+        return compose("train_value", overrides=overrides)
+
+
+def main() -> None:
+    args = parse()
+    import torch
+    from data_throughput import build_dataset
+
+    from data.loader import build_datasets, make_loader
+    from data.prepare import prepare_data
+    from values.agent import step_generator
+    from values.language import EmbeddingCache, make_language_encoder
+    from values.train import make_agent, relabel_negatives, resolve_device, setup_distributed, to_device
+
+    data_dir = build_dataset(Path(args.cache) / f"{args.episodes}ep", args.episodes, 1)
+    cfg = config(args, str(data_dir))
+    device = resolve_device(cfg.device, setup_distributed(cfg.device))
+    cuda = device.type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    train, weights = build_datasets(prepare_data(cfg.data, need_val=False), cfg.data, "train")
+    language = make_language_encoder(cfg.value.language, device="cpu")
+    lang = EmbeddingCache(language, device).table(train.instructions)
+    torch.manual_seed(0)
+    agent = make_agent(cfg.value, language.dim, cfg.data.reward.discount, 0, cfg.channels_last).to(device)
+    agent.autocast = cfg.bf16 and cuda
+    if cfg.channels_last:
+        agent.to(memory_format=torch.channels_last)
+    if cfg.compile:
+        for net in (m for m in agent.children() if hasattr(m, "encoder")):
+            net.encoder = torch.compile(net.encoder)
+
+    total = args.warmup + args.steps
+
+    def loader(n: int):
+        return iter(make_loader(train, weights, args.batch, seed=0, num_workers=args.workers,
+                                backend=args.loader, num_batches=n, pin_memory=cuda))  # fmt: skip
+
+    def prepare(raw: dict, step: int) -> dict:
+        from data.augment import augment_pair
+
+        g = step_generator(7, step, device)
+        batch = to_device(raw, lang, device)
+        batch = relabel_negatives(batch, lang, cfg.value.negative_proportion, cfg.data.reward.step_reward,
+                                  cfg.data.reward.discount, g)  # fmt: skip
+        if cfg.value.augment:
+            batch["image"], batch["next_image"] = augment_pair(batch["image"], batch["next_image"], g)
+        return batch
+
+    # data alone
+    it = loader(total)
+    for _ in range(args.warmup):
+        next(it)
+    start = time.perf_counter()
+    for _ in range(args.steps):
+        next(it)
+    data_rate = args.steps * args.batch / (time.perf_counter() - start)
+
+    # model alone (one device-resident batch)
+    batch = prepare(next(loader(1)), 0)
+    for _ in range(args.warmup):
+        agent.update(batch, metrics=False)
+    sync()
+    start = time.perf_counter()
+    for _ in range(args.steps):
+        agent.update(batch, metrics=False)
+    sync()
+    model_rate = args.steps * args.batch / (time.perf_counter() - start)
+
+    # end to end, with the time split
+    parts = {"wait_data": 0.0, "to_device": 0.0, "update": 0.0}
+    it = loader(total)
+    start = None
+    for step in range(total):
+        if step == args.warmup:
+            sync()
+            parts = dict.fromkeys(parts, 0.0)
+            start = time.perf_counter()
+        t0 = time.perf_counter()
+        raw = next(it)
+        t1 = time.perf_counter()
+        batch = prepare(raw, step)
+        sync()
+        t2 = time.perf_counter()
+        agent.update(batch, metrics=(step + 1) % 100 == 0)
+        sync()
+        t3 = time.perf_counter()
+        parts["wait_data"] += t1 - t0
+        parts["to_device"] += t2 - t1
+        parts["update"] += t3 - t2
+    elapsed = time.perf_counter() - start
+    result = {
+        "label": args.label,
+        "device": torch.cuda.get_device_name(device) if cuda else platform.processor() or platform.machine(),
+        "torch": torch.__version__,
+        "settings": {k: v for k, v in vars(args).items() if k not in ("out", "cache", "label")},
+        "samples_per_s": {
+            "data": round(data_rate, 1),
+            "model": round(model_rate, 1),
+            "end_to_end": round(args.steps * args.batch / elapsed, 1),
+        },
+        "ms_per_step": {k: round(1000 * v / args.steps, 2) for k, v in parts.items()},
+    }
+    print(json.dumps(result, indent=2))
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    runs = json.loads(out.read_text()) if out.exists() else []
+    out.write_text(json.dumps([*runs, result], indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
