@@ -20,8 +20,17 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 
 install: $(VENV)/.installed
 
+# The main job on the embedded default, no download (docs/sim.md): a small mixed-quality sim
+# collection (4 tasks x 8 episodes, 64 px), a short value-learning run on it, and an evaluation of
+# the scripted experts. Idempotent: a written dataset is kept (an interrupted collection resumes),
+# training resumes from its checkpoint, evaluation runs only missing episodes.
+DEMO_DATA ?= datasets/demo
 demo: install
-	$(BIN)/python -m data.demo
+	test -f $(DEMO_DATA)/robosteer_sim_suite/1.0.0/dataset_info.json || \
+		$(BIN)/python collect_sim.py task=suite episodes=8 sim.image_size=64 data_dir=$(DEMO_DATA)
+	$(BIN)/python train_value.py +experiment=cpu_small data.data_dir=$(DEMO_DATA) data.datasets.sim.val_fraction=0.15 \
+		steps=200 log_every=50 val_every=200 ckpt_every=200 name=demo
+	$(BIN)/python eval_sim.py policy=scripted sim=suite sim.image_size=64 episodes=3 videos=1 name=demo
 
 lint: install
 	$(BIN)/ruff check .

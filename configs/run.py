@@ -10,9 +10,9 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
-import os
 import random
 import sys
+import types
 from collections.abc import Callable, Iterator
 from datetime import datetime
 from pathlib import Path
@@ -151,10 +151,12 @@ def check_group_choices(overrides: list[str]) -> None:
 def tensorboard_writer(run_dir: Path) -> Any:
     """A TensorBoard SummaryWriter on `<run_dir>/tb`.
 
-    tensorboard imports TensorFlow when it is installed (the `rlds` extra): its C++ start-up banner
-    is silenced here. Only non-rendering processes (the trainers) write TensorBoard scalars.
+    tensorboard imports TensorFlow whenever it is installed (the `rlds` extra), and TensorFlow in a
+    process breaks MuJoCo's OpenGL rendering in it later (a segfault when a renderer is created).
+    The marker module `tensorboard.compat.notf` makes tensorboard use its own TF-free stub instead,
+    which is all that writing scalars needs.
     """
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    sys.modules.setdefault("tensorboard.compat.notf", types.ModuleType("tensorboard.compat.notf"))
     from torch.utils.tensorboard import SummaryWriter
 
     return SummaryWriter(str(Path(run_dir) / "tb"))

@@ -98,7 +98,13 @@ def make_policy(cfg: Any) -> Policy:
 
 
 # Modules that register policies; imported on demand so that light processes stay light.
-POLICY_MODULES: list[str] = ["policies.vla", "policies.flow", "policies.qsft.policy", "sim.experts"]
+POLICY_MODULES: list[str] = [
+    "policies.vla",
+    "policies.flow",
+    "policies.qsft.policy",
+    "sim.experts",
+    "policies.openvla.policy",
+]
 # The numpy-only ones are imported first, so that `make_policy` finds them in Octo's environment
 # without touching the torch ones.
 LIGHT_POLICY_MODULES: list[str] = ["policies.remote", "policies.octo"]

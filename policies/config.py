@@ -303,3 +303,6 @@ def register(cs: Any) -> None:
     cs.store(group="policy", name="remote_schema", node=RemotePolicyConfig)
     cs.store(group="policy", name="octo_schema", node=OctoPolicyConfig)
     cs.store(name="serve_policy_schema", node=ServePolicyConfig)
+    from policies.openvla.config import OpenVLAPolicyConfig  # its own module: policies/openvla/config.py
+
+    cs.store(group="policy", name="openvla_schema", node=OpenVLAPolicyConfig)

@@ -18,6 +18,7 @@ Importing this module does not import robosuite; `SimEnv` does, in the worker pr
 from __future__ import annotations
 
 import logging
+import sys
 from typing import Any, Protocol
 
 import numpy as np
@@ -124,6 +125,9 @@ class SimEnv:
     def render(self, camera: str) -> np.ndarray:
         """(S, S, 3) uint8 image of `camera`, top-left origin."""
         size = self.cfg.image_size
+        # robosuite renders into whichever GL context is current: the last one created. A worker
+        # holds one environment per task, so make ours current (else other tasks' images are black).
+        self._env.sim._render_context_offscreen.gl_ctx.make_current()
         image = self._env.sim.render(camera_name=camera, width=size, height=size)
         return np.ascontiguousarray(image[::-1])  # OpenGL rows start at the bottom
 
@@ -177,6 +181,13 @@ class _BelowError(logging.Filter):
 
 
 def _make_robosuite(task: Task, cfg: SimConfig) -> Any:
+    if cfg.render and "tensorflow" in sys.modules:
+        # MuJoCo's OpenGL context creation segfaults in a process that has imported TensorFlow
+        raise UserError(
+            "TensorFlow is imported in this process, and MuJoCo rendering crashes beside it. Keep "
+            "TensorFlow out of rendering processes (robosteer writes RLDS in a separate process), or "
+            "build the environment with sim.render=false."
+        )
     quiet_robosuite()
     import robosuite
     from robosuite.controllers import load_composite_controller_config
@@ -195,6 +206,10 @@ def _make_robosuite(task: Task, cfg: SimConfig) -> Any:
             ignore_done=True,
             hard_reset=False,  # keep the model and renderer across episodes (resets in ms)
             reward_shaping=True,
+            # robosuite draws some model parameters once, when it builds the model (Lift's cube size),
+            # from env.rng: a fixed seed builds the same model in every process. Episodes are seeded
+            # in reset.
+            seed=0,
             **task.env_kwargs,
         )
     except Exception as err:

@@ -9,8 +9,10 @@ command and a completion test. A proportional controller turns the target into c
 Corruption (CorruptionConfig) is drawn once per episode from the episode's seed, so a dataset is
 reproducible: action noise on every step; hesitation (pauses in which the arm drifts); a wrong
 target (the other cube, another bin, or a grasp point centimetres off the object); an early release
-(the gripper opens while carrying). Each failure mode is a plausible mistake, so failed episodes
-look like near-misses, as in the COG data that Q-SFT learns from.
+(the gripper opens while carrying, away from the goal). Each failure mode is a plausible mistake, so
+failed episodes look like near-misses, as in the COG data that Q-SFT learns from. A wrong target and
+an early release make an episode fail (nearly always); hesitation and noise make successes slower and
+less smooth, and fail an episode only now and then. The measured rates are in docs/sim.md.
 """
 
 from __future__ import annotations
@@ -47,19 +49,25 @@ class Phase:
     tol: float = 0.015
     hold: int = 0  # steps to stay once the target is reached (e.g. while the fingers close)
     timeout: int = 30  # give up and go on after this many steps
-    carrying: bool = False  # the object is in hand (an early release may happen here)
+    carrying: bool = False  # the object is in hand or being grasped (an early release may happen here)
     track: bool = True  # recompute the target every step; False freezes it on the phase's first step
     settle: bool = False  # also wait until the fingers stop moving (grasp, release)
 
 
 @dataclass
 class Plan:
-    """The phases of one episode, the gripper yaw to hold, and typical durations."""
+    """The phases of one episode, the gripper yaw to hold, and typical durations.
+
+    `release_window`: an early release happens after 0..release_window-1 carrying steps. It is the
+    part of a clean episode's carrying steps in which a release loses the object away from its goal
+    (measured, docs/sim.md): a release later on, when the object is nearly over its goal, would still
+    succeed, because the fingers open slowly and the object falls onto the goal.
+    """
 
     phases: list[Phase]
     yaw: float  # gripper yaw (rad, base frame) for the grasp
     steps: int  # typical length of a clean episode (hesitations fall in it)
-    carry_steps: int  # typical number of carrying steps (an early release falls in them)
+    release_window: int  # carrying steps in which an early release happens (see above)
 
 
 @dataclass
@@ -86,11 +94,11 @@ class Corruption:
         )
 
     def schedule(self, plan: Plan, rng: np.random.Generator) -> None:
-        """Place the pauses in the plan's typical duration and the release among its carrying steps."""
+        """Place the pauses in the plan's typical duration and the release in its release window."""
         if self.hesitate:
             for _ in range(rng.integers(1, 4)):
                 self.pauses[int(rng.integers(1, plan.steps))] = int(rng.integers(3, 13))
-        self.release_after = int(rng.integers(0, max(plan.carry_steps, 1)))
+        self.release_after = int(rng.integers(0, max(plan.release_window, 1)))
 
 
 # A plan builder: (privileged obs of the first step, episode rng, wrong_target) -> Plan.
@@ -128,7 +136,7 @@ def _pick(key: str, grasp_offset: np.ndarray) -> list[Phase]:
     return [
         Phase("approach", lambda p, s: at(p, s) + np.array([0, 0, ABOVE]), OPEN, tol=0.02, timeout=25),
         Phase("descend", at, OPEN, tol=0.01, timeout=15),
-        Phase("grasp", at, CLOSED, tol=1.0, hold=1, timeout=12, track=False, settle=True),
+        Phase("grasp", at, CLOSED, tol=1.0, hold=1, timeout=12, carrying=True, track=False, settle=True),
     ]
 
 
@@ -155,7 +163,9 @@ def _lift_plan(priv: dict[str, Any], rng: np.random.Generator, wrong: bool) -> P
     offset = _offset(rng, 0.035, 0.06) if wrong else np.zeros(3)
     top = float(priv["object_pos"][2]) + 0.15
     raise_up = Phase("raise", lambda p, s: np.array([s[0], s[1], top]), CLOSED, 0.01, 0, 1000, True, False)
-    return Plan([*_pick("object_pos", offset), raise_up], grasp_yaw(priv["object_yaw"]), steps=20, carry_steps=2)
+    # Lift succeeds once the cube is 2 cm up, within the first raise step: a release must come while
+    # the fingers close (~7 steps).
+    return Plan([*_pick("object_pos", offset), raise_up], grasp_yaw(priv["object_yaw"]), steps=20, release_window=6)
 
 
 @PLANS.register("stack")
@@ -171,7 +181,9 @@ def _stack_plan(priv: dict[str, Any], rng: np.random.Generator, wrong: bool) -> 
         *_place(lambda p: p[f"{target}_pos"] + miss, carry_height=top + 0.08, release_height=top + 0.012),
     ]
     other = (priv[f"{target}_pos"] - priv[f"{obj}_pos"])[:2]  # keep the fingers off the other cube
-    return Plan(phases, grasp_yaw(priv[f"{obj}_yaw"], other), steps=35, carry_steps=12)
+    # Grasp ~8 steps, then lift 6, carry 4, lower 3; the fingers open slowly, so a cube released
+    # after the first lift steps is still carried over the target and falls onto it.
+    return Plan(phases, grasp_yaw(priv[f"{obj}_yaw"], other), steps=35, release_window=10)
 
 
 @PLANS.register("pick_place_can")
@@ -191,7 +203,8 @@ def _pick_place_plan(priv: dict[str, Any], rng: np.random.Generator, wrong: bool
     # keep the hand's long side off the nearest wall of the bin the object starts in
     offset = (priv["object_pos"][:2] - priv["source_bin_pos"][:2]) / priv["source_bin_half"]
     wall = np.array([0.0, 1.0]) if abs(offset[1]) > abs(offset[0]) else np.array([1.0, 0.0])
-    return Plan(phases, grasp_yaw(priv["object_yaw"], wall), steps=45, carry_steps=25)
+    # Grasp 6-8 steps, then lift 6 and carry 13-34; a release late in the carry still lands in the bin.
+    return Plan(phases, grasp_yaw(priv["object_yaw"], wall), steps=45, release_window=20)
 
 
 class Script:
@@ -256,6 +269,18 @@ def rotation_step(rpy: np.ndarray, yaw: float) -> np.ndarray:
     return Rotation.from_rotvec(step).as_euler("xyz")
 
 
+def draw_corruption(
+    cfg: CorruptionConfig, episode_seed: int, policy_seed: int = 0
+) -> tuple[Corruption, np.random.Generator]:
+    """An episode's failure modes (before `schedule`) and the episode rng that drew them.
+
+    Deterministic in (episode seed, policy seed): benchmarks/expert_rates.py uses it to tell which
+    failure modes an evaluated episode had.
+    """
+    rng = np.random.default_rng([episode_seed, policy_seed, 7])
+    return Corruption.draw(cfg, rng), rng
+
+
 class ScriptedPolicy(Policy):
     """The per-task scripted experts as a batched Policy (needs `obs["privileged"]`).
 
@@ -285,8 +310,7 @@ class ScriptedPolicy(Policy):
         return candidates.astype(np.float32)
 
     def _start(self, priv: dict[str, Any], slot: int) -> Script:
-        rng = np.random.default_rng([int(priv["seed"]), self.seed, 7])
-        corruption = Corruption.draw(self.corruption, rng)
+        corruption, rng = draw_corruption(self.corruption, int(priv["seed"]), self.seed)
         plan = PLANS.get(str(priv["task"]))(dict(priv), rng, corruption.wrong_target)
         corruption.schedule(plan, rng)
         script = self.scripts[slot] = Script(plan, corruption, rng)

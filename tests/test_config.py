@@ -72,3 +72,22 @@ def test_unknown_config_option_suggests(tmp_path: Path) -> None:
     proc = _run(["data=brige"], cwd=tmp_path)
     assert proc.returncode == 2
     assert "Did you mean 'bridge'?" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_tensorboard_writer_keeps_tensorflow_out_and_writes_scalars(tmp_path: Path) -> None:
+    """TensorFlow in a process makes MuJoCo rendering segfault later: the trainers' writer must not import it."""
+    code = (
+        "import sys\n"
+        "from configs.run import tensorboard_writer\n"
+        f"w = tensorboard_writer({str(tmp_path)!r})\n"
+        "[w.add_scalar('loss', float(i), i) for i in range(3)]\n"
+        "w.close()\n"
+        "assert 'tensorflow' not in sys.modules, 'tensorflow was imported'\n"
+        "from tensorboard.backend.event_processing.event_accumulator import EventAccumulator\n"
+        f"acc = EventAccumulator({str(tmp_path / 'tb')!r})\n"
+        "acc.Reload()\n"
+        "print([e.value for e in acc.Scalars('loss')])\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "[0.0, 1.0, 2.0]"

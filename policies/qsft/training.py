@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from configs.checkpoint import latest_checkpoint, load_checkpoint, prune_checkpoints
 from configs.errors import UserError
-from configs.run import log_file, new_run_dir, save_config
+from configs.run import log_file, new_run_dir, save_config, tensorboard_writer
 from data.loader import build_datasets, make_loader
 from data.prepare import prepare_data
 from policies.config import VLAModelConfig
@@ -38,7 +38,6 @@ from policies.training import (
     _get_rng,
     _log,
     _set_rng,
-    _tensorboard,
     _truncate_metrics,
     lr_factor,
     step_generator,
@@ -142,7 +141,7 @@ def _loop(cfg: TrainQSFTConfig, model: QSFTModel, optimizer: Any, scheduler: Any
         train[0], train[1], cfg.batch_size, seed=cfg.seed, num_workers=cfg.data.num_workers, backend=cfg.data.loader,
         start_batch=start, num_batches=max(cfg.steps - start, 0), pin_memory=device.type == "cuda",
     )  # fmt: skip
-    writer = _tensorboard(run["dir"])
+    writer = tensorboard_writer(run["dir"])
     bar = tqdm(total=cfg.steps, initial=start, desc="train qsft", dynamic_ncols=True)
     autocast = cfg.bf16 and device.type == "cuda"
     sums: dict[str, torch.Tensor] = {}

@@ -124,6 +124,7 @@ CONTRACT_BUILDERS: dict[str, Callable[[Path], DictConfig]] = {
     "scripted": lambda root: compose_config(["policy=scripted"]).policy,
     "remote": _remote,
     "octo": _octo,
+    "openvla": lambda root: __import__("tests.openvla.helpers", fromlist=["*"]).openvla_contract_config(root),
 }
 
 

@@ -1,0 +1,186 @@
+"""Environment steps/s of the eval runner (sim/runner.py) vs raw robosuite stepping, at 1..N workers.
+
+    python benchmarks/sim_throughput.py                                  # lift, 1..cpu_count workers, 0 and 128 px
+    python benchmarks/sim_throughput.py --workers 1 4 8 --sizes 128 256 --seconds 30 --label "GPU machine, EGL"
+
+- raw:    W independent processes, each stepping its own `robosuite.make` environment (the arguments
+          sim/env.py uses: OSC_POSE at 5 Hz, the same cheaper render settings) with a zero action
+          and, at size S > 0, robosuite's own camera observation of S x S px; a reset every episode
+          horizon. Steps/s summed over the processes: the most W cores can give.
+- runner: `sim.runner.Runner` with W workers running episodes of the same task (SimEnv: action
+          conversion, image flip, state, privileged poses) for a trivial policy (zero action, open
+          gripper) that the main process calls once per control step for every worker; the
+          observations, images included, travel through the workers' pipes.
+
+Goal (issue 3): runner >= 80% of raw at every W. Each measurement runs for about `--seconds` (whole
+episodes) after a warm-up episode; raw and runner alternate `--repeats` times and the best of each
+is kept, since other processes on a shared machine only ever slow a measurement down. On a shared
+machine wall-clock rates stay noisy, so the CPU time per environment step is recorded too (raw: the
+stepping process; runner: its workers plus the main process): `cpu_ratio` = raw / runner CPU per
+step is the throughput fraction the runner keeps once the cores are saturated, and does not depend
+on the machine's load. A control step at 5 Hz is 100 physics substeps (robosuite's 20 Hz: 25).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import multiprocessing as mp
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from policies.base import Policy  # noqa: E402 - after the repository is on the path
+from sim.config import SimConfig  # noqa: E402
+from sim.env import SimEnv  # noqa: E402
+
+
+def raw_worker(task: str, size: int, seconds: float, queue: mp.Queue) -> None:
+    """Step a plain robosuite environment for `seconds`; put (steps, wall s, CPU s) on the queue."""
+    from robosuite.controllers import load_composite_controller_config
+
+    from sim.env import _fast_rendering, quiet_robosuite
+    from sim.tasks import TASKS
+
+    quiet_robosuite()
+    import robosuite
+
+    spec, cfg = TASKS.get(task), SimConfig(task=task, image_size=max(size, 8), render=size > 0)
+    env = robosuite.make(
+        spec.env_name, robots="Panda", controller_configs=load_composite_controller_config(robot="Panda"),
+        has_renderer=False, has_offscreen_renderer=size > 0, use_camera_obs=size > 0, camera_names=spec.camera,
+        camera_heights=max(size, 8), camera_widths=max(size, 8), control_freq=cfg.control_freq, horizon=10**6,
+        ignore_done=True, hard_reset=False, reward_shaping=True, **spec.env_kwargs,
+    )  # fmt: skip
+    if size > 0:
+        _fast_rendering(env, size)
+    horizon, action = spec.horizon(cfg.control_freq), np.zeros(7)
+    env.reset()
+    for _ in range(horizon):  # warm-up episode
+        env.step(action)
+    steps, start, cpu = 0, time.perf_counter(), time.process_time()
+    while time.perf_counter() - start < seconds:
+        env.reset()
+        for _ in range(horizon):
+            env.step(action)
+        steps += horizon
+    queue.put((steps, time.perf_counter() - start, time.process_time() - cpu))
+    env.close()
+
+
+def measure_raw(task: str, size: int, workers: int, seconds: float) -> tuple[float, float]:
+    """(steps/s summed over `workers` processes, CPU ms per step)."""
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=raw_worker, args=(task, size, seconds, queue)) for _ in range(workers)]
+    for p in procs:
+        p.start()
+    results = [queue.get() for _ in procs]
+    for p in procs:
+        p.join()
+    steps = sum(r[0] for r in results)
+    return sum(s / wall for s, wall, _ in results), 1000 * sum(r[2] for r in results) / steps
+
+
+class TimedSimEnv(SimEnv):
+    """SimEnv whose observations carry (worker pid, its CPU seconds so far), for the CPU accounting."""
+
+    def _observation(self) -> dict[str, Any]:
+        obs = super()._observation()
+        obs["cpu"] = (os.getpid(), time.process_time())
+        return obs
+
+
+def make_timed_env(cfg: SimConfig, task: str) -> TimedSimEnv:
+    return TimedSimEnv(task, cfg)
+
+
+class Still(Policy):
+    """The trivial policy: stay put, gripper open. Keeps the latest CPU time seen from every worker."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.cpu: dict[int, float] = {}
+
+    def sample_actions(self, obs: dict[str, Any], k: int, slot: int = 0) -> np.ndarray:
+        pid, seconds = obs["cpu"]
+        self.cpu[pid] = seconds
+        action = np.zeros((k, 1, 7), np.float32)
+        action[..., 6] = 1.0
+        return action
+
+
+def measure_runner(task: str, size: int, workers: int, seconds: float) -> tuple[float, float]:
+    """(steps/s of the runner with `workers` workers, CPU ms per step of workers + main process)."""
+    from sim.runner import Runner, episode_specs
+
+    cfg = SimConfig(task=task, image_size=max(size, 8), render=size > 0, terminate_on_success=False)
+    policy = Still()
+    with Runner(functools.partial(make_timed_env, cfg), workers=workers) as runner:
+        list(runner.run(episode_specs([task], workers, 0), policy))  # build the environments, warm up
+        # From the last policy call of the warm-up to the last one of the final round: whole episodes.
+        workers_cpu, main_cpu = dict(policy.cpu), time.process_time()
+        start, steps, rounds = time.perf_counter(), 0, 0
+        while time.perf_counter() - start < seconds:  # rounds of `workers` episodes until time is up
+            rounds += 1
+            steps += sum(r.steps for r in runner.run(episode_specs([task], workers, rounds), policy))
+        wall = time.perf_counter() - start
+        cpu = time.process_time() - main_cpu + sum(policy.cpu[pid] - t for pid, t in workers_cpu.items())
+    return steps / wall, 1000 * cpu / steps
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--task", default="lift")
+    parser.add_argument("--workers", type=int, nargs="+", default=list(range(1, (os.cpu_count() or 1) + 1)))
+    parser.add_argument("--sizes", type=int, nargs="+", default=[0, 128], help="camera px; 0 = no cameras")
+    parser.add_argument("--seconds", type=float, default=15.0, help="measuring time per configuration")
+    parser.add_argument("--repeats", type=int, default=2, help="alternate raw/runner this often; keep the best")
+    parser.add_argument("--label", default="CPU machine, Mesa llvmpipe EGL")
+    parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "sim_throughput.json"))
+    args = parser.parse_args()
+    os.environ.setdefault("MUJOCO_GL", "egl")
+
+    rows = []
+    for size in args.sizes:
+        for workers in args.workers:
+            raw, runner = [], []
+            for _ in range(args.repeats):  # best of: other processes only ever slow a measurement down
+                raw.append(measure_raw(args.task, size, workers, args.seconds))
+                runner.append(measure_runner(args.task, size, workers, args.seconds))
+            (raw_rate, _), (runner_rate, _) = max(raw), max(runner)
+            raw_cpu, runner_cpu = min(c for _, c in raw), min(c for _, c in runner)
+            rows.append({
+                "image_size": size, "workers": workers,
+                "raw_steps_per_s": round(raw_rate, 1), "runner_steps_per_s": round(runner_rate, 1),
+                "runner_over_raw": round(runner_rate / raw_rate, 3),
+                "raw_cpu_ms_per_step": round(raw_cpu, 2), "runner_cpu_ms_per_step": round(runner_cpu, 2),
+                "cpu_ratio": round(raw_cpu / runner_cpu, 3),
+            })  # fmt: skip
+            print(f"{size:4d} px {workers:2d} workers: raw {raw_rate:6.1f}, runner {runner_rate:6.1f} steps/s "
+                  f"({runner_rate / raw_rate:.0%}); CPU ms/step raw {raw_cpu:.1f}, runner {runner_cpu:.1f} "
+                  f"({raw_cpu / runner_cpu:.0%}); load {os.getloadavg()[0]:.1f}", flush=True)  # fmt: skip
+    report = {
+        "benchmark": "sim_throughput",
+        "label": args.label,
+        "machine": {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count(),
+                    "mujoco_gl": os.environ.get("MUJOCO_GL"), "load_average_end": os.getloadavg()},
+        "config": {"task": args.task, "seconds": args.seconds, "repeats": args.repeats, "goal_runner_over_raw": 0.8},
+        "results": rows,
+    }  # fmt: skip
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
