@@ -2,10 +2,13 @@
 
     python benchmarks/robot_loop.py --steps 200 --out benchmarks/results/robot_loop.json
     python benchmarks/robot_loop.py --policy-ms 0 75     # also with a policy that takes 75 ms per step
+    python benchmarks/robot_loop.py --policy-ms 0 --policy policy=flow policy.checkpoint=<run> \
+        steer=true steering.critic=<train_value run> steering.k=10     # a real steered policy
 
 The simulated service runs in its own process (`python -m real_robot.sim_service`), as the real one
 runs on the robot computer; the loop runs here with the in-project `random` policy built by
-`make_policy`, optionally wrapped to spend `--policy-ms` per call (a stand-in for a steered
+`make_policy`, or with `--policy <eval_sim.py overrides>` any policy eval_sim.py builds (a trained
+policy steered by a trained critic, say), optionally wrapped to spend `--policy-ms` per call (a stand-in for a steered
 generalist: V-GPS reports ~75 ms/step for Octo-small). Observations are the real layout at
 256 px (one camera, ~0.8 MB float32 + a 640x480 JPEG per step). For each run the JSON holds the
 step period (mean, std, min, max, percentiles), the jitter (std and worst deviation, in % of the
@@ -53,17 +56,33 @@ def stats(values: np.ndarray, scale: float = 1e3) -> dict[str, float]:
             "p99": float(np.percentile(values, 99))}  # fmt: skip
 
 
-def run_once(port: int, steps: int, policy_ms: float, image_size: int) -> dict:
+def build_policy(overrides: list[str] | None):
+    """The in-project random policy, or the policy (steered or not) of eval_sim.py's config with `overrides`."""
     from omegaconf import OmegaConf
 
     from policies.base import make_policy
+
+    if not overrides:
+        return make_policy(OmegaConf.create({"name": "random", "translation": 0.02, "rotation": 0.1, "chunk": 1,
+                                             "seed": 0}))  # fmt: skip
+    from hydra import compose, initialize_config_dir
+
+    from configs import CONFIG_DIR
+    from configs.schema import register
+    from sim.evaluate import build_policy as build_eval_policy
+
+    register()
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
+        return build_eval_policy(compose("eval_sim", overrides=overrides))
+
+
+def run_once(port: int, steps: int, policy_ms: float, image_size: int, overrides: list[str] | None = None) -> dict:
     from real_robot.client import WidowXClient
     from real_robot.loop import ControlLoop
     from real_robot.protocol import DEFAULT_ENV_PARAMS
     from real_robot.safety import SafetyConfig, resolve_limits
 
-    policy = make_policy(OmegaConf.create({"name": "random", "translation": 0.02, "rotation": 0.1, "chunk": 1,
-                                           "seed": 0}))  # fmt: skip
+    policy = build_policy(overrides)
     if policy_ms > 0:
         policy = TimedPolicy(policy, policy_ms / 1e3)
     limits = resolve_limits(SafetyConfig(), DEFAULT_ENV_PARAMS)
@@ -75,6 +94,7 @@ def run_once(port: int, steps: int, policy_ms: float, image_size: int) -> dict:
     deviation = np.abs(periods - period) / period
     sends = [t for t in episode.trace if t.sent_at is not None]
     return {
+        "policy": " ".join(overrides) if overrides else "random",
         "policy_ms": policy_ms,
         "steps": len(episode.actions),
         "stop_reason": episode.stop_reason,
@@ -96,6 +116,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--policy-ms", type=float, nargs="+", default=[0.0, 75.0])
     parser.add_argument("--image-size", type=int, default=256)
+    parser.add_argument("--policy", nargs="+", default=None, help="eval_sim.py overrides naming the policy")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "robot_loop.json"))
     args = parser.parse_args()
     from real_robot.sim_service import free_port_pair
@@ -104,7 +125,7 @@ def main() -> None:
     service = subprocess.Popen([sys.executable, "-m", "real_robot.sim_service", "--port", str(port)], cwd=REPO,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
     try:
-        runs = [run_once(port, args.steps, ms, args.image_size) for ms in args.policy_ms]
+        runs = [run_once(port, args.steps, ms, args.image_size, args.policy) for ms in args.policy_ms]
     finally:
         service.terminate()
         service.wait(10)
@@ -120,7 +141,8 @@ def main() -> None:
     out.write_text(json.dumps(result, indent=2))
     for run in runs:
         p = run["period_ms"]
-        print(f"policy {run['policy_ms']:>4.0f} ms: {run['steps']} steps at {run['rate_hz']:.3f} Hz, period "
+        print(f"{run['policy']}, padded to {run['policy_ms']:.0f} ms: {run['steps']} steps at {run['rate_hz']:.3f} Hz, "
+              f"period "
               f"{p['mean']:.2f} +- {p['std']:.2f} ms (min {p['min']:.2f}, max {p['max']:.2f}), worst deviation "
               f"{run['worst_deviation_pct']:.2f}%, {run['within_5pct']:.1%} within +-5%")  # fmt: skip
     print(f"wrote {out}")

@@ -1,0 +1,119 @@
+"""How well a trained critic separates successful from failed episodes, on every held-out transition.
+
+    python benchmarks/value_separation.py runs/train_value/critic                       # latest checkpoint
+    python benchmarks/value_separation.py runs/train_value/critic/checkpoints/step_000001000 --params online
+
+train_value.py's periodic validation samples `val_batches` random batches; this reads *all* held-out
+transitions of the run's own data config (the episodes its `val_fraction` held out, or the dataset's
+val split) in order, scores the dataset action with the critic (target parameters, min over the
+ensemble, as steering does) and reports, as JSON:
+
+- `auc_success_matched` (values/metrics.py): P(Q_success > Q_failure) over pairs at the same timestep,
+  overall and per timestep bucket, with the number of pairs in each: early steps, where a failure
+  has often not happened yet (an early release, say), cannot be separated by anything that sees only
+  the present, so the per-bucket figures show where the separation comes from;
+- `spearman_mc_return`: rank correlation of Q with the Monte-Carlo return;
+- the mean Q of successful and failed episodes per timestep (the curves behind the AUC).
+
+Writes `<out>` (default `<run>/value_separation.json`) and prints a one-line summary.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import OmegaConf
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from configs.checkpoint import resolve_checkpoint  # noqa: E402
+from data.config import DataConfig  # noqa: E402
+from data.loader import build_datasets  # noqa: E402
+from data.prepare import prepare_data  # noqa: E402
+from values.critic import load_critic  # noqa: E402
+from values.metrics import matched_auc, spearman  # noqa: E402
+
+
+def separation(q: np.ndarray, success: np.ndarray, timestep: np.ndarray, mc: np.ndarray, edges: list[int]) -> dict:
+    """Matched AUC overall and per [edges[i], edges[i+1]) timestep bucket, Spearman, per-step mean curves."""
+    out: dict = {"transitions": len(q), "auc_success_matched": matched_auc(q, success, timestep)}
+    out["spearman_mc_return"] = spearman(q, mc)
+    buckets = []
+    for lo, hi in itertools.pairwise(edges):
+        sel = (timestep >= lo) & (timestep < hi)
+        pairs = sum(
+            int(success[sel & (timestep == t)].sum()) * int((~success[sel & (timestep == t)]).sum())
+            for t in np.unique(timestep[sel])
+        )
+        auc = matched_auc(q[sel], success[sel], timestep[sel]) if pairs else float("nan")
+        buckets.append({"timesteps": [lo, hi], "pairs": pairs, "auc_success_matched": auc})
+    out["by_timestep"] = buckets
+    curve = []
+    for t in np.unique(timestep):
+        at = timestep == t
+        row = {"t": int(t)}
+        for name, mask in (("success", at & success), ("failure", at & ~success)):
+            row[f"q_{name}"] = float(q[mask].mean()) if mask.any() else None
+            row[f"n_{name}"] = int(mask.sum())
+        curve.append(row)
+    out["mean_q_by_timestep"] = curve
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("run", help="train_value.py run directory or checkpoint directory")
+    p.add_argument("--params", default="target", choices=["target", "online"])
+    p.add_argument("--batch", type=int, default=256)
+    p.add_argument("--buckets", type=int, nargs="+", default=[0, 10, 20, 30, 10**6], help="timestep bucket edges")
+    p.add_argument("--out", default=None)
+    args = p.parse_args()
+
+    ckpt = resolve_checkpoint(args.run)
+    saved = OmegaConf.create((ckpt / "config.yaml").read_text())
+    data_cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(DataConfig), saved.data))
+    prepared = prepare_data(data_cfg)
+    val, _ = build_datasets(prepared, data_cfg, "val")
+    scorer = load_critic(ckpt, params=args.params, dataset=next(iter(prepared)))
+    lang = scorer.language.table(val.instructions)
+    qs, ok, ts, mcs = [], [], [], []
+    with torch.no_grad():
+        for start in range(0, len(val), args.batch):
+            b = val.__getitems__(list(range(start, min(start + args.batch, len(val)))))
+            q = scorer.q(b["image"], lang[b["instruction_id"]], b["action"]).min(0).values
+            qs.append(q.numpy())
+            ok.append(b["success"].numpy())
+            ts.append(b["timestep"].numpy())
+            mcs.append(b["mc_return"].numpy())
+    q, success, timestep, mc = (np.concatenate(x) for x in (qs, ok, ts, mcs))
+    episode = np.concatenate([part.episode + 10**9 * i for i, part in enumerate(val.parts)])  # unique across parts
+    known = success >= 0
+    if len(np.unique(success[known])) < 2:
+        raise SystemExit("The held-out episodes are all successes or all failures: no separation to measure.")
+    result = {
+        "benchmark": "value_separation",
+        "checkpoint": str(ckpt),
+        "params": args.params,
+        "episodes": {name: len(np.unique(episode[success == flag])) for name, flag in (("success", 1), ("failure", 0))},
+        **separation(q[known], success[known] == 1, timestep[known], mc[known], args.buckets),
+    }
+    out = Path(args.out) if args.out else Path(args.run) / "value_separation.json"
+    out.write_text(json.dumps(result, indent=1))
+    by = ", ".join(
+        f"t{b['timesteps'][0]}-{b['timesteps'][1]}: {b['auc_success_matched']:.3f} ({b['pairs']} pairs)"
+        for b in result["by_timestep"]
+        if b["pairs"]
+    )
+    print(f"{ckpt}: AUC {result['auc_success_matched']:.3f} [{by}], spearman {result['spearman_mc_return']:.3f}, "
+          f"{result['transitions']} transitions -> {out}")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,54 @@
+"""benchmarks/value_separation.py's per-timestep-bucket separation, on hand-made values."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "value_separation.py"
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("value_separation", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_buckets_split_the_matched_pairs_and_their_auc() -> None:
+    separation = load_script().separation
+    # t = 0: 2 successes (q 1, 3) vs 1 failure (q 2) -> 1 of 2 pairs won; t = 5: 1 success (q 5) vs 2
+    # failures (q 4, 6) -> 1 of 2; t = 12: 1 success (q 9) vs 1 failure (q 0) -> 1 of 1; t = 13: failures only
+    q = np.array([1, 3, 2, 5, 4, 6, 9, 0, 7], float)
+    success = np.array([1, 1, 0, 1, 0, 0, 1, 0, 0], bool)
+    timestep = np.array([0, 0, 0, 5, 5, 5, 12, 12, 13])
+    mc = -np.arange(9, dtype=float)
+    out = separation(q, success, timestep, mc, [0, 10, 20])
+    assert out["transitions"] == 9
+    assert out["auc_success_matched"] == 3 / 5
+    early, late = out["by_timestep"]
+    assert (early["timesteps"], early["pairs"], early["auc_success_matched"]) == ([0, 10], 4, 0.5)
+    assert (late["timesteps"], late["pairs"], late["auc_success_matched"]) == ([10, 20], 1, 1.0)
+    at13 = next(r for r in out["mean_q_by_timestep"] if r["t"] == 13)
+    assert at13 == {"t": 13, "q_success": None, "n_success": 0, "q_failure": 7.0, "n_failure": 1}
+    at0 = out["mean_q_by_timestep"][0]
+    assert (at0["q_success"], at0["q_failure"]) == (2.0, 2.0)
+
+
+def test_steer_preferences_measure_what_the_argmax_moves() -> None:
+    spec = importlib.util.spec_from_file_location("steer_preferences", SCRIPT.parent / "steer_preferences.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    # one frame, 3 candidates: Q increases with the gripper component only; dx is constant
+    first = np.zeros((1, 3, 7))
+    first[0, :, 6] = [0.0, 0.5, 1.0]
+    first[0, :, 1] = [1.0, -1.0, 0.0]  # dy: another order than Q
+    q = np.array([[0.0, 1.0, 2.0]])
+    shift, corr = module.preferences(first, q)
+    sd = np.std([0.0, 0.5, 1.0])
+    np.testing.assert_allclose(shift[0, 6], (1.0 - 0.5) / sd)
+    np.testing.assert_allclose(corr[0, 6], 1.0)
+    assert shift[0, 0] == 0 and corr[0, 0] == 0  # a constant component
+    np.testing.assert_allclose(corr[0, 1], np.corrcoef([0.0, 1.0, 2.0], [1.0, -1.0, 0.0])[0, 1])
