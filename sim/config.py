@@ -128,8 +128,8 @@ class EvalSimConfig:
     seed: int = 1000
     # MP4 videos of the first this-many episodes of each task.
     videos: int = 2
-    # Outputs go to <runs_dir>/eval_sim/<name or timestamp>/.
-    runs_dir: str = "runs"
+    # Outputs go to <run_root>/eval_sim/<name or timestamp>/.
+    run_root: str = "runs"
     name: str | None = None
     runner: RunnerConfig = field(default_factory=RunnerConfig)
 

@@ -4,7 +4,7 @@
     python eval_sim.py policy=random sim=lift episodes=50 name=random_lift
     python eval_sim.py policy=flow policy.checkpoint=<dir> steer=true steering.critic=<train_value run dir>
 
-Writes, under `<runs_dir>/eval_sim/<name or timestamp>/`: `config.yaml`, `log.txt`, one JSON line
+Writes, under `<run_root>/eval_sim/<name or timestamp>/`: `config.yaml`, `log.txt`, one JSON line
 per episode in `episodes.jsonl` (task, seed, success, steps, return, instruction, error),
 `summary.md` / `summary.json` (success rate and 95% Wilson interval per task), `success.png`, and
 `videos/<task>_seed<seed>.mp4` of the first `videos` episodes of each task; a steered run
@@ -57,7 +57,7 @@ def evaluate(cfg: Any) -> Path:
     if cfg.videos > 0 and not cfg.sim.render:
         raise UserError("videos need rendered images: set sim.render=true, or videos=0.")
     policy = build_policy(cfg)  # fails before anything is written
-    run_dir = new_run_dir(cfg.runs_dir, "eval_sim", cfg.name)
+    run_dir = new_run_dir(cfg.run_root, "eval_sim", cfg.name)
     _check_same_run(run_dir, cfg)
     save_config(cfg, run_dir)
     with log_file(run_dir):

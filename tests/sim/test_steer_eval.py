@@ -47,7 +47,7 @@ def eval_cfg(runs: Path, *overrides: str):
     register()
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
         return compose("eval_sim", overrides=["sim=lift", "episodes=4", "videos=0", "runner.workers=2",
-                                              f"runs_dir={runs}", *overrides])  # fmt: skip
+                                              f"run_root={runs}", *overrides])  # fmt: skip
 
 
 def read_episodes(run_dir: Path) -> list[dict[str, Any]]:
