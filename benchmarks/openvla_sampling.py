@@ -25,31 +25,15 @@ import json
 import platform
 import sys
 import tempfile
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from benchmarks.steer_latency import timed  # noqa: E402 - one timing helper for the latency benchmarks
+
 GOAL = 1.5  # kv[10] / greedy
-
-
-def timed(fn: Callable[[], object], iters: int, warmup: int, sync: Callable[[], None]) -> dict[str, float]:
-    """Milliseconds per call: mean, std, p50, p90, min over `iters` calls after `warmup`."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(iters):
-        sync()
-        start = time.perf_counter()
-        fn()
-        sync()
-        times.append((time.perf_counter() - start) * 1e3)
-    t = np.array(times)
-    return {"mean": float(t.mean()), "std": float(t.std()), "p50": float(np.percentile(t, 50)),
-            "p90": float(np.percentile(t, 90)), "min": float(t.min()), "n": iters}  # fmt: skip
 
 
 def build(size: str, dtype: str, device: str, root: Path):
