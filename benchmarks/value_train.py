@@ -2,6 +2,7 @@
 
     python benchmarks/value_train.py                                  # GPU: batch 256, 256 px, ResNet-34, Cal-QL
     python benchmarks/value_train.py --compile --workers 12           # torch.compile of the encoders
+    python benchmarks/value_train.py --model-only --profile 3         # agent.update alone; its top CUDA ops
     python benchmarks/value_train.py --device cpu --arch resnet10t --image-size 64 --batch 64 \\
         --steps 10 --label "CPU smoke run"
 
@@ -15,7 +16,8 @@ Measured, in samples (transitions) per second, each after --warmup steps:
 - end_to_end:  the train_value loop: loader -> device -> embeddings -> negatives -> augment -> update,
 and per-step milliseconds of that loop split into `wait_data` (blocked on the loader), `to_device`
 (copies, embedding lookup, relabelling, augmentation) and `update` (forward, backward, optimiser, target
-networks; CUDA synchronised so the time lands in the right bucket).
+networks; CUDA synchronised so the time lands in the right bucket). `--profile N` adds the 15 ops with the
+most device time over N updates (torch.profiler); `--model-only` measures the update alone.
 
 Goal (issue 4, one H100): >= 6,000 samples/s end to end at batch 256, 256 px, ResNet-34.
 """
@@ -50,9 +52,18 @@ def parse() -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--compile", action="store_true")
     p.add_argument("--no-bf16", action="store_true")
-    p.add_argument("--no-channels-last", action="store_true")
+    p.add_argument("--channels-last", action="store_true", help="as train_value channels_last=true")
     p.add_argument("--cache", default=str(Path(tempfile.gettempdir()) / "robosteer_bench_value"))
     p.add_argument("--label", default="")
+    p.add_argument("--data-only", action="store_true", help="write the synthetic dataset under --cache and stop")
+    p.add_argument("--model-only", action="store_true", help="measure agent.update alone (no data, no end to end)")
+    p.add_argument(
+        "--cudnn-benchmark",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="torch.backends.cudnn.benchmark (default: unchanged)",
+    )
+    p.add_argument("--profile", type=int, default=0, help="torch.profiler over this many updates: the top CUDA ops")
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "value_train.json"))
     return p.parse_args()
 
@@ -69,7 +80,7 @@ def config(args: argparse.Namespace, data_dir: str):
         f"data.datasets.bridge.image_format={args.image_format}", f"data.num_workers={args.workers}",
         f"data.loader={args.loader}", f"value={args.algo}", f"value.encoder.arch={args.arch}",
         f"batch_size={args.batch}", f"device={args.device}", f"compile={args.compile}",
-        f"bf16={not args.no_bf16}", f"channels_last={not args.no_channels_last}",
+        f"bf16={not args.no_bf16}", f"channels_last={args.channels_last}",
     ]  # fmt: skip
     with initialize_config_dir(config_dir=str(REPO / "configs"), version_base=None):
         return compose("train_value", overrides=overrides)
@@ -87,10 +98,15 @@ def main() -> None:
     from values.train import make_agent, relabel_negatives, resolve_device, setup_distributed, to_device
 
     data_dir = build_dataset(Path(args.cache) / f"{args.episodes}ep", args.episodes, 1)
+    if args.data_only:
+        print(data_dir)
+        return
     cfg = config(args, str(data_dir))
     device = resolve_device(cfg.device, setup_distributed(cfg.device))
     cuda = device.type == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
+    if args.cudnn_benchmark is not None:
+        torch.backends.cudnn.benchmark = args.cudnn_benchmark
     train, weights = build_datasets(prepare_data(cfg.data, need_val=False), cfg.data, "train")
     language = make_language_encoder(cfg.value.language, device="cpu")
     lang = EmbeddingCache(language, device).table(train.instructions)
@@ -121,13 +137,15 @@ def main() -> None:
         return batch
 
     # data alone
-    it = loader(total)
-    for _ in range(args.warmup):
-        next(it)
-    start = time.perf_counter()
-    for _ in range(args.steps):
-        next(it)
-    data_rate = args.steps * args.batch / (time.perf_counter() - start)
+    data_rate = None
+    if not args.model_only:
+        it = loader(total)
+        for _ in range(args.warmup):
+            next(it)
+        start = time.perf_counter()
+        for _ in range(args.steps):
+            next(it)
+        data_rate = args.steps * args.batch / (time.perf_counter() - start)
 
     # model alone (one device-resident batch)
     batch = prepare(next(loader(1)), 0)
@@ -139,8 +157,56 @@ def main() -> None:
         agent.update(batch, metrics=False)
     sync()
     model_rate = args.steps * args.batch / (time.perf_counter() - start)
+    top_ops = profile(agent, batch, args.profile, sync) if args.profile else None
+    result = {
+        "label": args.label,
+        "device": torch.cuda.get_device_name(device) if cuda else platform.processor() or platform.machine(),
+        "torch": torch.__version__,
+        "cudnn_benchmark": torch.backends.cudnn.benchmark,
+        "settings": {k: v for k, v in vars(args).items() if k not in ("out", "cache", "label")},
+        "samples_per_s": {"model": round(model_rate, 1)},
+        "update_ms": round(1000 * args.batch / model_rate, 2),
+    }
+    if top_ops is not None:
+        result["profile_top_ops"] = top_ops
+    if not args.model_only:
+        result["samples_per_s"]["data"] = round(data_rate, 1)
+        rate, result["ms_per_step"] = end_to_end(args, loader, prepare, agent, sync)
+        result["samples_per_s"]["end_to_end"] = rate
+    print(json.dumps(result, indent=2))
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    runs = json.loads(out.read_text()) if out.exists() else []
+    out.write_text(json.dumps([*runs, result], indent=2) + "\n")
 
-    # end to end, with the time split
+
+def profile(agent, batch: dict, steps: int, sync) -> list[dict]:
+    """The 15 ops with the most self device (CPU: CPU) time over `steps` updates (ms per update, share of the total)."""
+    import torch
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with torch_profile(activities=activities) as prof:
+        for _ in range(steps):
+            agent.update(batch, metrics=False)
+        sync()
+    events = prof.key_averages()
+
+    def device_us(e) -> float:
+        if not torch.cuda.is_available():
+            return float(e.self_cpu_time_total)
+        return float(getattr(e, "self_device_time_total", 0) or getattr(e, "self_cuda_time_total", 0) or 0)
+
+    total = sum(device_us(e) for e in events) or 1.0
+    top = sorted(events, key=device_us, reverse=True)[:15]
+    return [{"op": e.key[:90], "ms_per_update": round(device_us(e) / 1000 / steps, 3),
+             "share": round(device_us(e) / total, 4), "calls_per_update": e.count // steps} for e in top]  # fmt: skip
+
+
+def end_to_end(args: argparse.Namespace, loader, prepare, agent, sync) -> tuple[float, dict]:
+    """The train_value loop, with the time split into waiting for data, moving/augmenting it, and the update."""
+    total = args.warmup + args.steps
     parts = {"wait_data": 0.0, "to_device": 0.0, "update": 0.0}
     it = loader(total)
     start = None
@@ -162,23 +228,7 @@ def main() -> None:
         parts["to_device"] += t2 - t1
         parts["update"] += t3 - t2
     elapsed = time.perf_counter() - start
-    result = {
-        "label": args.label,
-        "device": torch.cuda.get_device_name(device) if cuda else platform.processor() or platform.machine(),
-        "torch": torch.__version__,
-        "settings": {k: v for k, v in vars(args).items() if k not in ("out", "cache", "label")},
-        "samples_per_s": {
-            "data": round(data_rate, 1),
-            "model": round(model_rate, 1),
-            "end_to_end": round(args.steps * args.batch / elapsed, 1),
-        },
-        "ms_per_step": {k: round(1000 * v / args.steps, 2) for k, v in parts.items()},
-    }
-    print(json.dumps(result, indent=2))
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    runs = json.loads(out.read_text()) if out.exists() else []
-    out.write_text(json.dumps([*runs, result], indent=2) + "\n")
+    return round(args.steps * args.batch / elapsed, 1), {k: round(1000 * v / args.steps, 2) for k, v in parts.items()}
 
 
 if __name__ == "__main__":

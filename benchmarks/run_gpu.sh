@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# Every GPU figure of the benchmarks, in priority order, inside a time budget (a borrowed GPU machine):
+#     benchmarks/run_gpu.sh OUT_DIR [SECONDS] [LABEL]
+#     ONLY="value_train steer_latency" benchmarks/run_gpu.sh OUT_DIR     # some steps only
+# Each benchmark appends its JSON to OUT_DIR/<name>.json and its output to OUT_DIR/log.txt; one that
+# fails or runs out of time does not stop the rest, and steps that no longer fit the budget are skipped.
+# The value benchmark reads the synthetic bridge_dataset under .bench/value, written beforehand where
+# TensorFlow is installed (`python benchmarks/value_train.py --cache .bench/value --episodes 60 --data-only`),
+# so nothing here needs TensorFlow or MuJoCo: python3 with a CUDA torch, timm, transformers, and
+# robosteer's small pure-Python dependencies (hydra-core, omegaconf, simplejpeg, lz4, google-crc32c).
+set -u
+out=${1:?usage: benchmarks/run_gpu.sh OUT_DIR [SECONDS] [LABEL]}
+budget=${2:-540}
+label=${3:-GPU machine}
+py=${PYTHON:-python3}
+mkdir -p "$out"
+log="$out/log.txt"
+start=$(date +%s)
+export PYTHONUNBUFFERED=1
+
+step() {  # step NAME LIMIT_SECONDS COMMAND...
+    local name=$1 limit=$2 left rc
+    shift 2
+    if [[ -n "${ONLY:-}" && " $ONLY " != *" $name "* ]]; then
+        return
+    fi
+    left=$((budget - ($(date +%s) - start)))
+    if ((left < 30)); then
+        echo "=== $name: skipped, ${left}s of the budget left" | tee -a "$log"
+        return
+    fi
+    ((limit > left)) && limit=$left
+    echo "=== $name (limit ${limit}s, at $(($(date +%s) - start))s)" | tee -a "$log"
+    timeout -k 5 "$limit" "$@" >>"$log" 2>&1
+    rc=$?
+    echo "=== $name: rc=$rc, done at $(($(date +%s) - start))s" | tee -a "$log"
+    tail -n 25 "$log" | grep -E '"(end_to_end|model|data|ratio|kv_over_greedy|mean|qsft_over_sft|met)"|passed|failed|Error' | tail -n 12
+}
+
+{
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+    $py -c "import sys, torch, transformers, timm; print(sys.version.split()[0], torch.__version__, transformers.__version__, timm.__version__)"
+    nproc
+} 2>&1 | tee -a "$log"
+
+vt="$py benchmarks/value_train.py --cache .bench/value --episodes 60 --workers 12"
+# where the update's time goes: agent.update alone, profiled, in each memory layout; cuDNN autotuning
+step value_variants 200 bash -c "
+    $vt --model-only --steps 15 --warmup 5 --profile 3 --label '$label, NCHW' --out $out/value_variants.json
+    $vt --model-only --steps 15 --warmup 5 --profile 3 --channels-last --label '$label, channels_last' --out $out/value_variants.json
+    $vt --model-only --steps 15 --warmup 5 --cudnn-benchmark --label '$label, NCHW, cudnn.benchmark' --out $out/value_variants.json"
+step value_train 120 $vt --label "$label, eager" --out "$out/value_train.json"
+step value_train_cudnn 120 $vt --cudnn-benchmark --label "$label, eager, cudnn.benchmark" --out "$out/value_train.json"
+step steer_latency 100 $py benchmarks/steer_latency.py --label "$label" --out "$out/steer_latency.json"
+step steer_latency_graphs 100 $py benchmarks/steer_latency.py --cuda-graphs --label "$label, CUDA graphs" \
+    --out "$out/steer_latency_graphs.json"
+step qsft_step 120 $py benchmarks/qsft_step.py --label "$label" --out "$out/qsft_step.json"
+step openvla_sampling 180 $py benchmarks/openvla_sampling.py --size real --iters 10 --label "$label, OpenVLA-7B shape" \
+    --out "$out/openvla_sampling.json"
+step gpu_tests 150 $py -m pytest -q -m gpu tests/gpu -p no:cacheprovider
+step value_train_compile 200 $vt --compile --label "$label, torch.compile" --out "$out/value_train.json"
+echo "=== all done at $(($(date +%s) - start))s" | tee -a "$log"

@@ -1,0 +1,148 @@
+"""The CUDA paths: the same numbers as on the CPU where the maths is the same, finite and close under bf16.
+
+Marked `gpu` and skipped without a CUDA device (CI has none): `pytest -m gpu` on a GPU machine. Every
+test here needs no TensorFlow and no MuJoCo, so it runs in a bare PyTorch image.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from values.config import EncoderConfig, LanguageConfig, ValueConfig
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
+
+
+@pytest.fixture(autouse=True)
+def exact_fp32() -> Any:
+    """TF32 off, so that float32 on the GPU is comparable with float32 on the CPU."""
+    matmul, cudnn = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul, cudnn
+
+
+def small_value_config(algo: str) -> ValueConfig:
+    return ValueConfig(algo=algo, encoder=EncoderConfig(arch="resnet18"), hidden=[64, 64],
+                       language=LanguageConfig(name="hash", dim=32), warmup_steps=1)  # fmt: skip
+
+
+def value_batch(batch: int, size: int, device: str, seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randint(0, 256, (2, batch, size, size, 3), generator=g, dtype=torch.uint8)
+    out = {
+        "image": images[0], "next_image": images[1], "lang": torch.randn(batch, 32, generator=g),
+        "action": torch.rand(batch, 7, generator=g) * 2 - 1, "reward": -torch.ones(batch),
+        "terminal": torch.zeros(batch), "mc_return": -torch.rand(batch, generator=g) * 20,
+    }  # fmt: skip
+    return {k: v.to(device) for k, v in out.items()}
+
+
+def test_critic_q_on_cuda_matches_cpu_and_bf16_stays_close() -> None:
+    from values.networks import Critic, FiLMResNet
+
+    cfg = small_value_config("calql")
+    torch.manual_seed(0)
+    cpu = Critic(FiLMResNet(cfg.encoder, 32), cfg.hidden, cfg.ensemble).eval()
+    gpu = Critic(FiLMResNet(cfg.encoder, 32, channels_last=True), cfg.hidden, cfg.ensemble).eval()
+    gpu.load_state_dict(cpu.state_dict())
+    gpu = gpu.cuda().to(memory_format=torch.channels_last)
+    b = value_batch(16, 64, "cpu")
+    with torch.no_grad():
+        q_cpu = cpu.q(b["image"], b["lang"], b["action"])
+        args = [b[k].cuda() for k in ("image", "lang", "action")]
+        q_gpu = gpu.q(*args).cpu()
+        with torch.autocast("cuda", torch.bfloat16):
+            q_bf16 = gpu.q(*args).float().cpu()
+    assert q_cpu.shape == (2, 16)
+    torch.testing.assert_close(q_gpu, q_cpu, rtol=1e-4, atol=1e-4)
+    assert (q_bf16 - q_cpu).abs().max() <= 0.05 * q_cpu.abs().max() + 1e-2
+
+
+@pytest.mark.parametrize("algo", ["calql", "iql"])
+def test_agent_updates_on_cuda_with_bf16_and_channels_last(algo: str) -> None:
+    """The trainer's GPU settings: finite metrics, float32 master weights that move, and two identical
+    agents stay identical (the step's random draws come from a per-step CUDA generator)."""
+    from values.train import make_agent
+
+    def agent() -> Any:
+        torch.manual_seed(0)
+        a = make_agent(small_value_config(algo), 32, 0.98, seed=3, channels_last=True).cuda()
+        a.autocast = True
+        return a.to(memory_format=torch.channels_last)
+
+    first, second = agent(), agent()
+    before = [p.detach().clone() for p in first.parameters()]
+    for step in range(3):
+        batch = value_batch(16, 64, "cuda", seed=step)
+        m1, m2 = first.update(batch), second.update(batch)
+        assert all(np.isfinite(v) for v in m1.values()), m1
+        for name in m1:
+            assert m1[name] == pytest.approx(m2[name], rel=1e-3, abs=1e-4), name
+    after = list(first.parameters())
+    assert all(p.dtype == torch.float32 and p.is_cuda for p in after)
+    assert any(not torch.equal(b, a.detach()) for b, a in zip(before, after, strict=True))
+
+
+def test_steering_scores_on_cuda_match_cpu_with_bf16_and_cuda_graphs_close() -> None:
+    from tests.policies.conftest import fake_stats
+    from values.critic import random_critic
+
+    cfg, stats = small_value_config("calql"), fake_stats()["sim"]
+    rng = np.random.default_rng(0)
+    obs = {"image_primary": rng.integers(0, 256, (96, 96, 3), dtype=np.uint8), "instruction": "lift the cube"}
+    actions = np.concatenate([rng.normal(0, 0.01, (50, 6)), rng.integers(0, 2, (50, 1))], axis=1).astype(np.float32)
+
+    def scores(**kwargs: Any) -> np.ndarray:
+        critic = random_critic(cfg, stats, 64, seed=5, **kwargs)
+        return np.asarray(critic.score(obs, actions).cpu(), dtype=np.float64)
+
+    cpu, gpu = scores(), scores(device="cuda")
+    bf16, graphs = scores(device="cuda", bf16=True), scores(device="cuda", bf16=True, cuda_graphs=True)
+    np.testing.assert_allclose(gpu, cpu, rtol=1e-4, atol=1e-4)
+    spread = np.ptp(cpu) + 1e-6
+    assert np.abs(bf16 - cpu).max() <= 0.1 * spread + 0.02 * np.abs(cpu).max()
+    np.testing.assert_allclose(graphs, bf16, rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("name", ["flow", "vla"])
+def test_own_generalists_sample_on_cuda(name: str, tmp_path: Path) -> None:
+    from policies.base import make_policy
+    from tests.policies.conftest import observation, tiny_checkpoint, tiny_model_config
+
+    cfg = tiny_model_config(name).policy
+    cfg.checkpoint, cfg.device = str(tiny_checkpoint(name, tmp_path)), "cuda"
+    policy = make_policy(cfg)
+    policy.reset("reach forward")
+    samples = policy.sample_actions(observation(0), 10)
+    assert samples.shape[0] == 10 and samples.shape[-1] == 7
+    assert np.isfinite(samples).all()
+    assert len({s.tobytes() for s in samples}) > 1  # K draws, not one copied
+
+
+def test_openvla_greedy_on_cuda_matches_cpu(tmp_path: Path) -> None:
+    """The tiny OpenVLA checkpoint through the real loader: float32 greedy actions agree across devices;
+    bf16 on the GPU gives valid actions."""
+    from policies.base import make_policy
+    from policies.openvla.tiny import write_tiny_checkpoint
+    from tests.openvla.helpers import observation, openvla_config
+
+    path = write_tiny_checkpoint(tmp_path / "openvla")
+    obs = observation(0)
+    actions = {}
+    for device, dtype in (("cpu", "float32"), ("cuda", "float32"), ("cuda", "bfloat16")):
+        policy = make_policy(openvla_config(path, f"policy.device={device}", f"policy.dtype={dtype}"))
+        policy.reset(obs["instruction"])
+        actions[device, dtype] = policy.act(obs)
+        k = policy.sample_actions(obs, 8)
+        assert k.shape[0] == 8 and np.isfinite(k).all()
+    np.testing.assert_allclose(actions["cuda", "float32"], actions["cpu", "float32"], atol=1e-5)
+    assert np.isfinite(actions["cuda", "bfloat16"]).all()
