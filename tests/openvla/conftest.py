@@ -7,6 +7,8 @@ from typing import Any
 
 import pytest
 
+from tests.threads import one_thread  # noqa: F401 - autouse: one intra-op thread
+
 
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
@@ -21,14 +23,3 @@ def loaded(tiny_dir: Path) -> Any:
     from policies.openvla.checkpoint import load_openvla
 
     return load_openvla(str(tiny_dir), "float32", "cpu")
-
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Any:
-    """Tiny models run fastest on one intra-op thread (a shared 2-core machine)."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)

@@ -106,17 +106,6 @@ def test_seeds_and_greedy_act_option(tiny_dir: Path) -> None:
     assert not np.array_equal(sampled.act(obs), a.act(obs))
 
 
-def test_bad_inputs_are_refused(policy: OpenVLAPolicy) -> None:
-    with pytest.raises(UserError, match="image_primary"):
-        policy.sample_actions({"instruction": "go"}, 2)
-    with pytest.raises(UserError, match="uint8"):
-        policy.sample_actions({"image_primary": np.zeros((32, 32, 3), np.float32), "instruction": "go"}, 2)
-    with pytest.raises(UserError, match="No instruction"):
-        policy.sample_actions({"image_primary": np.zeros((32, 32, 3), np.uint8)}, 2, slot=4)
-    with pytest.raises(UserError, match="k=0"):
-        policy.sample_actions(observation(0), 0)
-
-
 def test_inputs_follow_the_model_dtype(tiny_dir: Path) -> None:
     policy = make_policy(openvla_config(tiny_dir, "policy.dtype=bfloat16"))
     pixel_values, input_ids = policy.inputs(observation(0))

@@ -19,6 +19,7 @@ from omegaconf import DictConfig
 
 from configs import CONFIG_DIR
 from configs.schema import register
+from tests.threads import one_thread  # noqa: F401 - autouse: one intra-op thread
 
 IMAGE_SIZE = 32
 # A ViT of one block at 32 px: patch tokens without a CNN's cost.
@@ -171,14 +172,3 @@ def policy_data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
         stage_episode(root / "staging", f"{i:04d}", episode)
     write_rlds(root / "staging", root / "data", "robosteer_sim_suite", "1.0.0", sim_dataset_spec(IMAGE_SIZE))
     return root / "data"
-
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Any:
-    """Tiny models run fastest on one intra-op thread; two threads on a shared 2-core box spin-wait ~10x slower."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)

@@ -58,7 +58,7 @@ def test_slots_are_independent(name: str, tmp_path: Path) -> None:
     np.testing.assert_allclose(act_a[0], act_b[0], rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("name", ["vla", "flow"])
+@pytest.mark.parametrize("name", ["vla", "flow", "openvla"])
 def test_learned_policies_refuse_bad_input(name: str, tmp_path: Path) -> None:
     policy = make_policy(contract_config(name, tmp_path))
     with pytest.raises(UserError, match="image_primary"):

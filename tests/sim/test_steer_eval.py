@@ -18,6 +18,7 @@ from configs.errors import UserError
 from configs.schema import register
 from sim.config import SimConfig
 from tests.sim.fakes import FakeEnv
+from tests.threads import one_thread  # noqa: F401 - autouse: one intra-op thread
 from tests.values.conftest import sim_data_dir  # noqa: F401 - the session fixture of the value tests
 
 
@@ -31,16 +32,6 @@ def fake_sim(monkeypatch: pytest.MonkeyPatch) -> None:
     import sim.evaluate
 
     monkeypatch.setattr(sim.evaluate, "make_sim_env", fake_env)
-
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Any:
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def eval_cfg(runs: Path, *overrides: str):
