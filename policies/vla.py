@@ -36,6 +36,7 @@ from configs.errors import UserError
 from policies.action_tokens import NUM_ACTION_TOKENS, ActionTokenizer
 from policies.base import ACTION_DIM, POLICIES, Policy
 from policies.config import LMConfig, VLAModelConfig
+from policies.kv_cache import cache_kwargs, output_cache
 from policies.learned import MODELS, LearnedPolicy, load_policy_model, resolve_device
 from policies.text import ByteTokenizer, TextTokenizer, load_text_tokenizer, make_text_tokenizer, pad_ids
 from policies.vision import VisionEncoder
@@ -209,7 +210,7 @@ class VLAModel(nn.Module):
         positions = _positions(mask)
         out = self.lm(inputs_embeds=prefix.embeds, attention_mask=mask.long(), position_ids=positions,
                       use_cache=True, logits_to_keep=1)  # fmt: skip
-        cache = out.past_key_values
+        cache = output_cache(out)
         cache.batch_repeat_interleave(k)  # (N, ...) -> (N * K, ...): row n * K + j is sample j of obs n
         logits = out.logits[:, -1].repeat_interleave(k, dim=0)
         mask = mask.repeat_interleave(k, dim=0)
@@ -225,7 +226,7 @@ class VLAModel(nn.Module):
             mask = F.pad(mask, (0, 1), value=True)
             position = position + 1
             out = self.lm(input_ids=self.tokens.index_to_id(index)[:, None], attention_mask=mask.long(),
-                          position_ids=position, past_key_values=cache, use_cache=True)  # fmt: skip
+                          position_ids=position, **cache_kwargs(self.lm, cache), use_cache=True)  # fmt: skip
             logits = out.logits[:, -1]
         ids = self.tokens.index_to_id(torch.stack(chosen, dim=1))
         return ids.view(N, k, ACTION_DIM), logp.view(N, k)  # (N * K, ...) -> (N, K, ...)

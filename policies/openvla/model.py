@@ -41,6 +41,7 @@ from torch.nn import functional as F
 from configs.errors import UserError
 from policies.action_tokens import ActionTokenizer
 from policies.base import ACTION_DIM
+from policies.kv_cache import cache_kwargs, output_cache
 from policies.vla import choose
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -260,7 +261,7 @@ class OpenVLA(nn.Module):
             return ids.expand(k, -1).clone(), logp.expand(k).clone()
         decoder = self.language_model.model
         out = decoder(inputs_embeds=self.embed_prefix(pixel_values, input_ids), use_cache=True)
-        cache, hidden = out.past_key_values, out.last_hidden_state[:, -1]  # hidden (1, d)
+        cache, hidden = output_cache(out), out.last_hidden_state[:, -1]  # hidden (1, d)
         if k > 1:
             cache.batch_repeat_interleave(k)  # (1, ...) -> (K, ...): one cache row per sample
         hidden = hidden.expand(k, -1)
@@ -272,7 +273,9 @@ class OpenVLA(nn.Module):
             ids = self.tokens.index_to_id(index) if restrict else index
             chosen.append(ids)
             if step < ACTION_DIM - 1:
-                hidden = decoder(input_ids=ids[:, None], past_key_values=cache, use_cache=True).last_hidden_state[:, -1]
+                hidden = decoder(
+                    input_ids=ids[:, None], **cache_kwargs(decoder, cache), use_cache=True
+                ).last_hidden_state[:, -1]
         return torch.stack(chosen, dim=1), logp
 
     def next_logits(self, hidden: torch.Tensor, restrict: bool) -> torch.Tensor:

@@ -41,6 +41,7 @@ from torch.nn import functional as F
 
 from configs.errors import UserError
 from policies.action_tokens import ActionTokenizer
+from policies.kv_cache import cache_kwargs, output_cache
 from policies.qsft.config import HFVLMConfig, QSFTModelConfig
 
 log = logging.getLogger(__name__)
@@ -126,7 +127,7 @@ class Backbone(nn.Module):
         """One cached forward over N prefixes, then the cache repeated K times (row n * K + j = copy j of prefix n)."""
         pos = positions(prefix.mask)
         out = self._call(prefix.mask, pos, **prefix.inputs, use_cache=True, logits_to_keep=1)
-        cache = out.past_key_values
+        cache = output_cache(out)
         if k > 1:
             cache.batch_repeat_interleave(k)
         logits = self._logits(out.logits[:, -1]).repeat_interleave(k, dim=0)
@@ -137,7 +138,7 @@ class Backbone(nn.Module):
         n = ids.shape[1]
         dec.mask = F.pad(dec.mask, (0, n), value=True)
         pos = dec.position + torch.arange(1, n + 1, device=ids.device)
-        out = self._call(dec.mask, pos, input_ids=ids, past_key_values=dec.cache, use_cache=True)
+        out = self._call(dec.mask, pos, input_ids=ids, **cache_kwargs(self._model(), dec.cache), use_cache=True)
         logits = self._logits(out.logits)
         dec.position, dec.logits = pos[:, -1:], logits[:, -1]
         return logits
