@@ -19,7 +19,7 @@ start=$(date +%s)
 export PYTHONUNBUFFERED=1
 
 step() {  # step NAME LIMIT_SECONDS COMMAND...
-    local name=$1 limit=$2 left rc
+    local name=$1 limit=$2 left rc lines
     shift 2
     if [[ -n "${ONLY:-}" && " $ONLY " != *" $name "* ]]; then
         return
@@ -31,10 +31,13 @@ step() {  # step NAME LIMIT_SECONDS COMMAND...
     fi
     ((limit > left)) && limit=$left
     echo "=== $name (limit ${limit}s, at $(($(date +%s) - start))s)" | tee -a "$log"
+    lines=$(wc -l <"$log")
     timeout -k 5 "$limit" "$@" >>"$log" 2>&1
     rc=$?
+    # a short summary of this step's own output (the whole of it is in the log)
+    tail -n +"$((lines + 1))" "$log" | grep -E '"(end_to_end|model|data|kv_over_greedy|met)"|ms  |passed|failed|Error' |
+        tail -n 12
     echo "=== $name: rc=$rc, done at $(($(date +%s) - start))s" | tee -a "$log"
-    tail -n 25 "$log" | grep -E '"(end_to_end|model|data|ratio|kv_over_greedy|mean|qsft_over_sft|met)"|passed|failed|Error' | tail -n 12
 }
 
 {

@@ -26,15 +26,11 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from omegaconf import OmegaConf
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from configs.checkpoint import resolve_checkpoint  # noqa: E402
-from data.config import DataConfig  # noqa: E402
-from data.loader import build_datasets  # noqa: E402
-from data.prepare import prepare_data  # noqa: E402
+from benchmarks.value_separation import held_out  # noqa: E402 - the run's held-out data, as value_separation reads it
 
 COMPONENTS = ("dx", "dy", "dz", "droll", "dpitch", "dyaw", "gripper")
 
@@ -75,9 +71,7 @@ def main() -> None:
                  f"steering.critic={args.critic}", f"steering.k={args.k}", "steering.beta=0"]  # fmt: skip
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
         steered = build_policy(compose("eval_sim", overrides=overrides))
-    saved = OmegaConf.create((resolve_checkpoint(args.critic) / "config.yaml").read_text())
-    data_cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(DataConfig), saved.data))
-    val, _ = build_datasets(prepare_data(data_cfg), data_cfg, "val")
+    _, _, val = held_out(args.critic)
     rng = np.random.default_rng(args.seed)
     idx = np.sort(rng.choice(len(val), min(args.frames, len(val)), replace=False))
     frames = val.__getitems__(list(idx))

@@ -35,7 +35,7 @@ sys.path.insert(0, str(REPO))
 
 from configs.checkpoint import resolve_checkpoint  # noqa: E402
 from data.config import DataConfig  # noqa: E402
-from data.loader import build_datasets  # noqa: E402
+from data.loader import MixtureDataset, build_datasets  # noqa: E402
 from data.prepare import prepare_data  # noqa: E402
 from values.critic import load_critic  # noqa: E402
 from values.metrics import matched_auc, spearman  # noqa: E402
@@ -67,6 +67,15 @@ def separation(q: np.ndarray, success: np.ndarray, timestep: np.ndarray, mc: np.
     return out
 
 
+def held_out(run: str) -> tuple[Path, dict, MixtureDataset]:
+    """(checkpoint dir, prepared datasets, held-out MixtureDataset) of a train_value run's own data config."""
+    ckpt = resolve_checkpoint(run)
+    saved = OmegaConf.create((ckpt / "config.yaml").read_text())
+    data_cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(DataConfig), saved.data))
+    prepared = prepare_data(data_cfg)
+    return ckpt, prepared, build_datasets(prepared, data_cfg, "val")[0]
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run", help="train_value.py run directory or checkpoint directory")
@@ -76,11 +85,7 @@ def main() -> None:
     p.add_argument("--out", default=None)
     args = p.parse_args()
 
-    ckpt = resolve_checkpoint(args.run)
-    saved = OmegaConf.create((ckpt / "config.yaml").read_text())
-    data_cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(DataConfig), saved.data))
-    prepared = prepare_data(data_cfg)
-    val, _ = build_datasets(prepared, data_cfg, "val")
+    ckpt, prepared, val = held_out(args.run)
     scorer = load_critic(ckpt, params=args.params, dataset=next(iter(prepared)))
     lang = scorer.language.table(val.instructions)
     qs, ok, ts, mcs = [], [], [], []

@@ -67,17 +67,19 @@ def test_critic_q_on_cuda_matches_cpu_and_bf16_stays_close() -> None:
     assert (q_bf16 - q_cpu).abs().max() <= 0.05 * q_cpu.abs().max() + 1e-2
 
 
+@pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("algo", ["calql", "iql"])
-def test_agent_updates_on_cuda_with_bf16_and_channels_last(algo: str) -> None:
-    """The trainer's GPU settings: finite metrics, float32 master weights that move, and two identical
-    agents stay identical (the step's random draws come from a per-step CUDA generator)."""
+def test_agent_updates_on_cuda_with_bf16(algo: str, channels_last: bool) -> None:
+    """The trainer's GPU settings (bf16 autocast; NCHW by default, channels_last as an option): finite
+    metrics, float32 master weights that move, and two identical agents stay identical (the step's
+    random draws come from a per-step CUDA generator)."""
     from values.train import make_agent
 
     def agent() -> Any:
         torch.manual_seed(0)
-        a = make_agent(small_value_config(algo), 32, 0.98, seed=3, channels_last=True).cuda()
+        a = make_agent(small_value_config(algo), 32, 0.98, seed=3, channels_last=channels_last).cuda()
         a.autocast = True
-        return a.to(memory_format=torch.channels_last)
+        return a.to(memory_format=torch.channels_last) if channels_last else a
 
     first, second = agent(), agent()
     before = [p.detach().clone() for p in first.parameters()]
