@@ -18,6 +18,7 @@ the same layout (tiny test checkpoints, fine-tuned models).
 from __future__ import annotations
 
 import json
+import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +36,8 @@ STATS, PREPROCESSOR = "dataset_statistics.json", "preprocessor_config.json"
 HUB_FILES = ["*.json", "*.safetensors", "tokenizer.model"]
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 QUANTIZATIONS = (None, "8bit", "4bit")
+# bitsandbytes' first release that lists CPUs as supported (int8 and NF4 kernels); tested with 0.50.2
+BNB_CPU_SINCE = "0.48"
 DEFAULT_ID = "openvla/openvla-7b"
 _TIMM_KEY = re.compile(r"\.(ls[12])\.gamma$")  # timm LayerScale -> the published `scale_factor`
 
@@ -130,7 +133,7 @@ def load_openvla(
     arch = OpenVLAArch.from_hf_config(config)
     with torch.device("meta"):
         model = OpenVLA(arch)
-    stage = torch.device("cpu") if quantization else device  # bitsandbytes quantises on the move to CUDA
+    stage = torch.device("cpu") if quantization else device  # bitsandbytes quantises on the move from the CPU
     assign_weights(model, read_weights(directory, DTYPES[dtype], stage), stage, str(directory))
     if quantization:
         quantize_language_model(model, quantization, device, DTYPES[dtype])
@@ -157,36 +160,83 @@ def assign_weights(model: OpenVLA, state: dict[str, torch.Tensor], device: torch
 
 
 def quantize_language_model(model: OpenVLA, bits: str, device: torch.device, compute_dtype: torch.dtype) -> None:
-    """Replace the Llama decoder's linear layers by bitsandbytes 8-bit / 4-bit (NF4) ones, quantised on CUDA.
+    """Replace the Llama decoder's nn.Linear layers (q/k/v/o, gate/up/down) by bitsandbytes ones, quantised on `device`.
 
-    The vision backbones, projector, embeddings and lm_head stay in `compute_dtype` (the published
-    `load_in_8bit` / `load_in_4bit` path also quantises the ViTs' and projector's linears).
+    bitsandbytes (0.50, read from its sources) quantises a layer's float weight when the layer is moved with
+    `.to(device)`, CPU included (an Int8Params only from the CPU, hence the CPU staging):
+        8bit  LLM.int8(): int8 rows with one float32 absmax scale each (the weight cast to float16 first); at
+              run time the activations are quantised per row to int8 through float16, except the columns
+              holding a value of magnitude >= 6 (the outliers), multiplied in the model dtype.
+        4bit  NF4: two 4-bit codes per uint8, one absmax per 64 weights, the absmaxes quantised to 8 bits again;
+              dequantised and multiplied in `compute_dtype` (on a CPU with AVX512-BF16 bitsandbytes repacks the
+              weight at the first eval forward and computes in bfloat16, whatever `compute_dtype`).
+    lm_head stays in `compute_dtype`, as do the embeddings, ViTs and projector: `OpenVLA.next_logits` slices the
+    256 action rows out of lm_head's weight, which a quantised weight cannot give, and transformers' bitsandbytes
+    path also keeps the output head unquantised (it quantises the ViTs' and projector's linears as well).
     """
-    try:
-        import bitsandbytes as bnb
-    except ImportError:
-        raise UserError(f"policy.quantization={bits} needs bitsandbytes (`pip install bitsandbytes`, CUDA only); "
-                        "or use policy.quantization=null.") from None  # fmt: skip
-    if device.type != "cuda":
-        raise UserError(f"policy.quantization={bits} runs on CUDA only; this policy is on {device}.")
+    bnb = import_bitsandbytes(bits, device)
+    if bits == "8bit":
+        _show_once(logging.getLogger("bitsandbytes.autograd._functions"), "MatMul8bitLt: inputs will be cast")
     for module in list(model.language_model.model.layers.modules()):
         for name, child in list(module.named_children()):
             if isinstance(child, nn.Linear):
                 setattr(module, name, _quantized(bnb, child, bits, compute_dtype).to(device))
 
 
+def import_bitsandbytes(bits: str, device: torch.device) -> Any:
+    """bitsandbytes if it is installed and runs on `device` (CUDA; the CPU from BNB_CPU_SINCE), else a UserError."""
+    from packaging.version import Version
+
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        raise UserError(f"policy.quantization={bits} needs bitsandbytes: `pip install 'bitsandbytes>={BNB_CPU_SINCE}'` "
+                        "(CUDA or CPU), or set policy.quantization=null.") from None  # fmt: skip
+    if device.type not in ("cuda", "cpu"):
+        raise UserError(f"policy.quantization={bits} runs on cuda or cpu, not {device}; set policy.device, "
+                        "or policy.quantization=null.")  # fmt: skip
+    if device.type == "cpu" and Version(bnb.__version__) < Version(BNB_CPU_SINCE):
+        raise UserError(f"policy.quantization={bits} on the CPU needs bitsandbytes >= {BNB_CPU_SINCE} (installed: "
+                        f"{bnb.__version__}): `pip install -U 'bitsandbytes>={BNB_CPU_SINCE}'`, run on CUDA, or set "
+                        "policy.quantization=null.")  # fmt: skip
+    return bnb
+
+
 def _quantized(bnb: Any, linear: nn.Linear, bits: str, compute_dtype: torch.dtype) -> nn.Module:
+    """A bitsandbytes layer holding `linear`'s float weight on the CPU: its `.to(device)` quantises it."""
     shape = (linear.in_features, linear.out_features, linear.bias is not None)
     weight = linear.weight.data.cpu()
-    if bits == "8bit":
-        layer = bnb.nn.Linear8bitLt(*shape, has_fp16_weights=False, threshold=6.0)
+    # built on the meta device: the random initialisation of a full-size layer is wasted time
+    if bits == "8bit":  # transformers' load_in_8bit defaults: frozen int8 weights, outlier threshold 6
+        layer = bnb.nn.Linear8bitLt(*shape, has_fp16_weights=False, threshold=6.0, device="meta")
         layer.weight = bnb.nn.Int8Params(weight, requires_grad=False, has_fp16_weights=False)
     else:
-        layer = bnb.nn.Linear4bit(*shape, compute_dtype=compute_dtype, quant_type="nf4")
-        layer.weight = bnb.nn.Params4bit(weight, requires_grad=False, quant_type="nf4")
+        layer = bnb.nn.Linear4bit(*shape, compute_dtype=compute_dtype, quant_type="nf4", device="meta")
+        layer.weight = bnb.nn.Params4bit(weight, requires_grad=False, quant_type="nf4", blocksize=64,
+                                         compress_statistics=True, module=layer)  # fmt: skip
     if linear.bias is not None:
         layer.bias = nn.Parameter(linear.bias.data.cpu(), requires_grad=False)
     return layer
+
+
+class _Once(logging.Filter):
+    """Let the first record starting with `prefix` through and drop the repeats."""
+
+    def __init__(self, prefix: str) -> None:
+        super().__init__()
+        self.prefix, self.seen = prefix, False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not record.getMessage().startswith(self.prefix):
+            return True
+        shown, self.seen = not self.seen, True
+        return shown
+
+
+def _show_once(logger: logging.Logger, prefix: str) -> None:
+    """bitsandbytes logs the float16 cast of LLM.int8() (by design) at every 8-bit matmul: ~1,800 lines per action."""
+    if not any(isinstance(f, _Once) and f.prefix == prefix for f in logger.filters):
+        logger.addFilter(_Once(prefix))
 
 
 def load_tokenizer(directory: Path, arch: OpenVLAArch) -> Any:

@@ -24,7 +24,8 @@ class OpenVLAPolicyConfig(PolicyConfig):
     unnorm_key: str | None = "bridge_orig"
     # Weight and activation dtype: bfloat16 (as published), float16 or float32.
     dtype: str = "bfloat16"
-    # null, 8bit or 4bit: bitsandbytes quantisation of the language model's linear layers (CUDA only).
+    # null, 8bit or 4bit: bitsandbytes LLM.int8() / NF4 quantisation of the Llama decoder's linear layers
+    # (lm_head, ViTs and projector stay in `dtype`); CUDA, or the CPU with bitsandbytes >= 0.48.
     quantization: str | None = None
     # Temperature of the K candidates of sample_actions over the 256 action tokens (every other
     # token masked); 0 = greedy (all K identical).
