@@ -10,7 +10,8 @@ Per slot, as Octo's own evaluation does (examples/04_eval_finetuned_on_robot.py;
 OctoInference; reference/policies.md):
 - history: the last `window` (2) primary images; at the start of an episode the first image fills
   the window and `timestep_pad_mask` is False on the copies (Octo's HistoryWrapper);
-- the primary image resized to 256 x 256 with lanczos3 and antialiasing (Octo's data pipeline);
+- the primary image resized to 256 x 256 with TensorFlow's lanczos3 and antialiasing (Octo's data
+  pipeline and ResizeImageWrapper, without its average-crop: SimplerEnv's Octo wrapper does not crop);
 - the task from `model.create_tasks(texts=[instruction])`, computed once per instruction;
 - K candidates in one call: `sample_actions(obs, task, sample_shape=(K,), rng=key)` runs the
   transformer once and the diffusion head K times -> normalised actions (K, 1, 4, 7);
@@ -49,7 +50,7 @@ SETUP_HINT = (
 
 
 class JaxOps:
-    """The JAX calls of the policy, imported on first use (tests, without JAX, pass stand-ins)."""
+    """The JAX / TensorFlow calls of the policy, imported on first use (tests, without JAX, pass stand-ins)."""
 
     def key(self, seed: int) -> Any:
         import jax
@@ -57,11 +58,14 @@ class JaxOps:
         return jax.random.PRNGKey(seed)
 
     def resize(self, image: np.ndarray, size: int) -> np.ndarray:
-        """uint8 (H, W, 3) -> (size, size, 3): lanczos3 with antialiasing, rounded (Octo's dlimp resize)."""
-        import jax
+        """uint8 (H, W, 3) -> (size, size, 3) exactly as Octo's ResizeImageWrapper and data pipeline (dlimp):
+        TensorFlow's lanczos3 with antialiasing, rounded. (Octo's environment always has TensorFlow: Octo
+        imports it. `jax.image.resize` agrees except on values within float error of .5, which round the
+        other way: one pixel level there moved the tiny parity model's actions by 1e-4.)"""
+        import tensorflow as tf
 
-        out = jax.image.resize(image.astype(np.float32), (size, size, 3), method="lanczos3", antialias=True)
-        return np.clip(np.round(np.asarray(out)), 0, 255).astype(np.uint8)
+        out = tf.image.resize(image, (size, size), method="lanczos3", antialias=True)
+        return tf.cast(tf.clip_by_value(tf.round(out), 0, 255), tf.uint8).numpy()
 
 
 @functools.lru_cache(maxsize=2)
@@ -100,6 +104,13 @@ def unnormalize(actions: np.ndarray, stats: dict[str, np.ndarray]) -> np.ndarray
     """Octo's NORMAL un-normalisation of (..., D >= 7) actions: `a * std + mean` where `mask`, on the first 7."""
     actions = np.asarray(actions, np.float32)[..., :ACTION_DIM]
     return np.where(stats["mask"], actions * stats["std"] + stats["mean"], actions).astype(np.float32)
+
+
+def clip_gripper(actions: np.ndarray) -> np.ndarray:
+    """Octo's Bridge gripper is 1 = open, 0 = closed like the canonical action: only clipped to [0, 1]."""
+    actions = actions.copy()
+    actions[..., 6] = np.clip(actions[..., 6], 0.0, 1.0)
+    return actions
 
 
 class OctoPolicy(Policy):
@@ -147,13 +158,14 @@ class OctoPolicy(Policy):
         if k < 1:
             raise UserError(f"k={k}: sample at least one action chunk.")
         self._observe(obs, slot)
-        return self._sample(k, slot)
+        return clip_gripper(self._sample(k, slot))
 
     def act(self, obs: Observation, slot: int = 0) -> np.ndarray:
+        """The next action of the slot's plan; chunks are ensembled before the gripper is clipped, as Octo does."""
         self._observe(obs, slot)
         if self.chunker.needs_prediction(slot):
             self.chunker.push(slot, self._sample(1, slot)[0])
-        return self.chunker.next(slot)
+        return clip_gripper(self.chunker.next(slot))
 
     def _observe(self, obs: Observation, slot: int) -> None:
         """Append the (resized) primary image to the slot's history; the first one fills the window."""
@@ -184,7 +196,7 @@ class OctoPolicy(Policy):
         return cached[1]
 
     def _sample(self, k: int, slot: int) -> np.ndarray:
-        """(k, chunk, 7) canonical actions for the slot's current history."""
+        """(k, chunk, 7) un-normalised actions for the slot's current history (gripper not yet clipped)."""
         steps = self._steps[slot]
         # (1, window): False on the copies that pad the start of an episode, True on real steps
         pad_mask = (np.arange(self.window) >= self.window - min(steps, self.window))[None]
@@ -197,9 +209,7 @@ class OctoPolicy(Policy):
         normalised = np.asarray(normalised)  # (k, batch 1, horizon, action_dim)
         if normalised.ndim != 4 or normalised.shape[:2] != (k, 1) or normalised.shape[2] < self.chunk:
             raise ValueError(f"Octo returned actions of shape {normalised.shape}, expected ({k}, 1, >={self.chunk}, 7)")
-        actions = unnormalize(normalised[:, 0, : self.chunk], self.stats)
-        actions[..., 6] = np.clip(actions[..., 6], 0.0, 1.0)  # Bridge gripper: 1 = open, as canonical
-        return check_actions(actions, k, self.chunk, "octo")
+        return check_actions(unnormalize(normalised[:, 0, : self.chunk], self.stats), k, self.chunk, "octo")
 
 
 @POLICIES.register("octo")

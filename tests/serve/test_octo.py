@@ -138,6 +138,21 @@ def test_gripper_is_clipped_to_the_canonical_range() -> None:
     assert (policy.sample_actions(observation(0), 1)[..., 6] == 1.0).all()  # Bridge: 1 = open, as ours
 
 
+def test_act_ensembles_the_chunks_before_clipping_the_gripper() -> None:
+    """Octo's TemporalEnsembleWrapper averages the raw predictions; the clip comes after (mean(1.6, 0.2) = 0.9)."""
+
+    class Alternating(FakeOcto):
+        def sample_actions(self, observations, tasks, **kwargs):
+            grip = 1.6 if len(self.calls) % 2 == 0 else 0.2
+            self.calls.append(kwargs)
+            return np.broadcast_to(np.array([0, 0, 0, 0, 0, 0, grip], np.float32), (1, 1, 4, 7))
+
+    policy = octo(Alternating())
+    policy.reset("go")
+    grippers = [float(policy.act(observation(t))[0, 6]) for t in range(4)]  # row 0 is executed
+    np.testing.assert_allclose(grippers, [1.0, 0.9, 1.0, 0.9], rtol=1e-6)  # clipped first: 1, 0.6, 0.73, 0.6
+
+
 def test_dataset_statistics_errors_name_the_choices() -> None:
     with pytest.raises(UserError, match=r"policy.dataset='bridge'.*bridge_dataset, fractal20220817_data"):
         octo(dataset="bridge")
