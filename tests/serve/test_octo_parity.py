@@ -106,14 +106,16 @@ def expected(checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> dict
 
 
 @pytest.fixture(scope="module")
-def server(checkpoint: Path) -> Iterator[int]:
+def server(checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
+    log_path = tmp_path_factory.mktemp("octo_server") / "log.txt"  # a file: an unread pipe could fill and block
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "TF_CPP_MIN_LOG_LEVEL": "3"}
     command = [PYTHON, "serve_policy.py", "policy=octo", f"policy.checkpoint={checkpoint}", "host=127.0.0.1",
                f"port={port}", "warmup_k=[1,3]"]  # fmt: skip
-    proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    log = log_path.open("w")
+    proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + 600
     while True:
         try:
@@ -124,11 +126,12 @@ def server(checkpoint: Path) -> Iterator[int]:
             pass
         if proc.poll() is not None or time.monotonic() > deadline:
             proc.kill()
-            pytest.fail(f"serve_policy.py policy=octo did not come up:\n{proc.stdout.read()[-4000:]}")
+            pytest.fail(f"serve_policy.py policy=octo did not come up:\n{log_path.read_text()[-4000:]}")
         time.sleep(1.0)
     yield port
     proc.terminate()
     proc.wait(30)
+    log.close()
 
 
 def clip_gripper(actions: np.ndarray) -> np.ndarray:
@@ -154,7 +157,8 @@ def served(server: int) -> dict[str, np.ndarray]:
     return got
 
 
-def test_the_published_loader_reads_the_tiny_checkpoint(checkpoint: Path) -> None:
+def test_the_tiny_checkpoint_has_octo_small_layout(checkpoint: Path) -> None:
+    """(`load_pretrained` reading it is what the server does before it answers /healthz.)"""
     config = json.loads((checkpoint / "config.json").read_text())
     assert config["model"]["heads"]["action"]["kwargs"]["action_horizon"] == 4
     assert set(config["model"]["observation_tokenizers"]) == {"primary", "wrist"}  # octo-small-1.5's cameras
