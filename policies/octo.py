@@ -49,7 +49,7 @@ SETUP_HINT = (
 )
 
 
-class JaxOps:
+class OctoOps:
     """The JAX / TensorFlow calls of the policy, imported on first use (tests, without JAX, pass stand-ins)."""
 
     def key(self, seed: int) -> Any:
@@ -122,7 +122,7 @@ class OctoPolicy(Policy):
         ops: Any = None,
     ) -> None:  # fmt: skip
         super().__init__()
-        self.model, self.ops = model, ops or JaxOps()
+        self.model, self.ops = model, ops or OctoOps()
         self.window, self.chunk, self.image_size, self.seed = int(window), int(chunk), int(image_size), int(seed)
         self.stats = action_statistics(model, dataset)
         self._check_model()

@@ -56,11 +56,10 @@ def build(out: Path) -> None:
     T5Config(vocab_size=len(vocab), d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=4).save_pretrained(text_dir)
 
     embedding, transformer = common_transformer_sizes("dummy")
-    image_tokenizer = dict(obs_stack_keys=None, task_stack_keys=None, encoder=ModuleSpec.create(SmallStem16))
     model = {
         "observation_tokenizers": {
             name: ModuleSpec.create(
-                ImageTokenizer, **{**image_tokenizer, "obs_stack_keys": [key], "task_stack_keys": [key]}
+                ImageTokenizer, obs_stack_keys=[key], task_stack_keys=[key], encoder=ModuleSpec.create(SmallStem16)
             )
             for name, key in (("primary", "image_primary"), ("wrist", "image_wrist"))
         },

@@ -53,7 +53,7 @@ class FakeOcto:
 
 
 class FakeOps:
-    """JaxOps stand-in: the key is the seed itself; resizing is nearest-neighbour (and counted)."""
+    """OctoOps stand-in: the key is the seed itself; resizing is nearest-neighbour (and counted)."""
 
     def __init__(self) -> None:
         self.resized: list[tuple[int, ...]] = []
