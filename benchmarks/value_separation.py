@@ -2,6 +2,7 @@
 
     python benchmarks/value_separation.py runs/train_value/critic                       # latest checkpoint
     python benchmarks/value_separation.py runs/train_value/critic/checkpoints/step_000001000 --params online
+    python benchmarks/value_separation.py runs/train_qsft/<name> --qsft-mode ratio    # a Q-SFT Q-model
 
 train_value.py's periodic validation samples `val_batches` random batches; this reads *all* held-out
 transitions of the run's own data config (the episodes its `val_fraction` held out, or the dataset's
@@ -15,6 +16,12 @@ ensemble, as steering does) and reports, as JSON:
 - `spearman_mc_return`: rank correlation of Q with the Monte-Carlo return;
 - the mean Q of successful and failed episodes per timestep (the curves behind the AUC).
 
+A train_qsft.py checkpoint is scored the way `steer.critic=qsft` scores candidates
+(policies/qsft/policy.py): p_theta of the action's last token (`--qsft-mode p_theta`) or that over
+pi_phi's (`ratio`). `--val-fraction` re-draws the held-out episodes (the split hashes episode keys, so
+a smaller fraction's episodes are a subset of a larger one's): the same episodes for two runs whose
+configs held out different fractions.
+
 Writes `<out>` (default `<run>/value_separation.json`) and prints a one-line summary.
 """
 
@@ -24,6 +31,7 @@ import argparse
 import itertools
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +45,8 @@ from configs.checkpoint import resolve_checkpoint  # noqa: E402
 from data.config import DataConfig  # noqa: E402
 from data.loader import MixtureDataset, build_datasets  # noqa: E402
 from data.prepare import prepare_data  # noqa: E402
+from policies.qsft.policy import load_qsft  # noqa: E402
+from policies.qsft.qsft import CRITIC_MODES  # noqa: E402
 from values.critic import load_critic  # noqa: E402
 from values.metrics import matched_auc, spearman  # noqa: E402
 
@@ -67,13 +77,41 @@ def separation(q: np.ndarray, success: np.ndarray, timestep: np.ndarray, mc: np.
     return out
 
 
-def held_out(run: str) -> tuple[Path, dict, MixtureDataset]:
-    """(checkpoint dir, prepared datasets, held-out MixtureDataset) of a train_value run's own data config."""
+def held_out(run: str, val_fraction: float | None = None) -> tuple[Path, dict, MixtureDataset]:
+    """(checkpoint dir, prepared datasets, held-out MixtureDataset) of a run's own data config.
+
+    `val_fraction` replaces each dataset's held-out fraction (None keeps the run's).
+    """
     ckpt = resolve_checkpoint(run)
     saved = OmegaConf.create((ckpt / "config.yaml").read_text())
     data_cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(DataConfig), saved.data))
+    if val_fraction is not None:
+        for dataset in data_cfg.datasets.values():
+            dataset.val_fraction = val_fraction
     prepared = prepare_data(data_cfg)
     return ckpt, prepared, build_datasets(prepared, data_cfg, "val")[0]
+
+
+def is_qsft(ckpt: Path) -> bool:
+    meta = ckpt / "meta.json"
+    return meta.is_file() and json.loads(meta.read_text()).get("policy") == "qsft"
+
+
+def critic_scorer(ckpt: Path, params: str, prepared: dict, val: MixtureDataset) -> Callable[[dict], torch.Tensor]:
+    """batch -> Q of its dataset actions: target (or online) parameters, min over the ensemble, as steering."""
+    scorer = load_critic(ckpt, params=params, dataset=next(iter(prepared)))
+    lang = scorer.language.table(val.instructions)
+    return lambda b: scorer.q(b["image"], lang[b["instruction_id"]], b["action"]).min(0).values
+
+
+def qsft_scorer(ckpt: Path, mode: str) -> Callable[[dict], torch.Tensor]:
+    """batch -> a Q-SFT model's Q of its dataset actions, as `steer.critic=qsft` scores candidates.
+
+    The loader's actions are already normalised with the run's statistics, so they are tokenised
+    directly (QSFTCritic would normalise canonical ones).
+    """
+    model = load_qsft(ckpt).model
+    return lambda b: model.score(b["image"], b["instruction"], model.tokens.encode(b["action"])[:, None], mode)[:, 0]
 
 
 def main() -> None:
@@ -82,17 +120,18 @@ def main() -> None:
     p.add_argument("--params", default="target", choices=["target", "online"])
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--buckets", type=int, nargs="+", default=[0, 10, 20, 30, 10**6], help="timestep bucket edges")
+    p.add_argument("--qsft-mode", default="p_theta", choices=list(CRITIC_MODES), help="for a train_qsft.py run")
+    p.add_argument("--val-fraction", type=float, default=None, help="held-out fraction instead of the run's")
     p.add_argument("--out", default=None)
     args = p.parse_args()
 
-    ckpt, prepared, val = held_out(args.run)
-    scorer = load_critic(ckpt, params=args.params, dataset=next(iter(prepared)))
-    lang = scorer.language.table(val.instructions)
+    ckpt, prepared, val = held_out(args.run, args.val_fraction)
+    q_of = qsft_scorer(ckpt, args.qsft_mode) if is_qsft(ckpt) else critic_scorer(ckpt, args.params, prepared, val)
     qs, ok, ts, mcs = [], [], [], []
     with torch.no_grad():
         for start in range(0, len(val), args.batch):
             b = val.__getitems__(list(range(start, min(start + args.batch, len(val)))))
-            q = scorer.q(b["image"], lang[b["instruction_id"]], b["action"]).min(0).values
+            q = q_of(b)
             qs.append(q.numpy())
             ok.append(b["success"].numpy())
             ts.append(b["timestep"].numpy())
@@ -105,7 +144,8 @@ def main() -> None:
     result = {
         "benchmark": "value_separation",
         "checkpoint": str(ckpt),
-        "params": args.params,
+        "scorer": f"qsft:{args.qsft_mode}" if is_qsft(ckpt) else f"critic:{args.params}",
+        "val_fraction": args.val_fraction,
         "episodes": {name: len(np.unique(episode[success == flag])) for name, flag in (("success", 1), ("failure", 0))},
         **separation(q[known], success[known] == 1, timestep[known], mc[known], args.buckets),
     }

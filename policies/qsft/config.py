@@ -61,6 +61,10 @@ class QSFTPolicyConfig(LearnedPolicyConfig):
     temperature: float = 1.0
     # Sample among the top_k tokens only (0 = all 256 action tokens).
     top_k: int = 0
+    # What beta multiplies: p_theta (the paper's rule) or ratio = p_theta / pi_phi (the backup's Q
+    # estimate; with labels=dummy p_theta ≈ pi_beta Q), over tokens with pi_phi > select_floor.
+    select_value: str = "p_theta"
+    select_floor: float = 0.02
 
 
 @dataclass
@@ -91,6 +95,10 @@ class TrainQSFTConfig:
     # and pi_phi's most likely token. With 256 action tokens a larger floor (1e-2) curbs the max's
     # over-estimation from rarely seen tokens (docs/qsft.md).
     pi_floor: float = 1e-4
+    # Q targets: "max" = Q-SFT's bootstrapped backup above; "mc" = a diagnostic that regresses
+    # p_theta on the data's Monte-Carlo returns instead (behaviour Q, no bootstrapping; needs
+    # data.reward.success_reward=1 data.reward.step_reward=0 data.reward.discount=<gamma>).
+    backup: str = "max"
     # pi_phi: "joint" = SFT alongside Q-SFT (separate parameters, loss = q_loss + bc_weight * bc_loss,
     # the author's code); "frozen" = kept as initialised (trained beforehand with train_policy.py and
     # given as policy.model.init, the paper's Algorithm 1).

@@ -49,6 +49,7 @@ from values.networks import soft_update
 
 CRITIC_MODES = ("p_theta", "ratio")
 LABELS = ("uniform", "dummy")
+BACKUPS = ("max", "mc")
 
 # --- loss math -----------------------------------------------------------------------------------
 
@@ -112,9 +113,22 @@ def dummy_label_ce(logits: torch.Tensor, index: torch.Tensor, y: torch.Tensor) -
     return -(y * logp.gather(-1, index[..., None] + 1)[..., 0] + (1.0 - y) * logp[..., 0])
 
 
-def selection_logits(pi_logits: torch.Tensor, q_probs: torch.Tensor, beta: float) -> torch.Tensor:
-    """Logits of pi(a|s) ∝ pi_phi(a|s) exp(beta p_theta(a|s)): log_softmax(pi_logits) + beta p_theta, (..., A)."""
-    return pi_logits.log_softmax(-1) + beta * q_probs
+def selection_logits(
+    pi_logits: torch.Tensor, q_probs: torch.Tensor, beta: float, value: str = "p_theta", floor: float = 0.02
+) -> torch.Tensor:
+    """Logits of pi(a|s) ∝ pi_phi(a|s) exp(beta v(a|s)) over the action tokens (..., A).
+
+    value="p_theta" (Alg. 1): v = p_theta. value="ratio": v = p_theta / pi_phi, the Q estimate the
+    backup uses (with labels=dummy p_theta ≈ pi_beta Q, so p_theta itself mostly re-weights by
+    pi_phi); tokens pi_phi gives at most `floor` are left out, as in `max_ratio`.
+    """
+    log_pi = pi_logits.log_softmax(-1)
+    if value == "p_theta":
+        return log_pi + beta * q_probs
+    if value != "ratio":
+        raise UserError(f"policy.select_value={value!r}; use p_theta or ratio.")
+    support = (log_pi > math.log(floor)) | (log_pi == log_pi.amax(-1, keepdim=True))
+    return (log_pi + beta * q_probs / log_pi.exp()).masked_fill(~support, float("-inf"))
 
 
 # --- the model -----------------------------------------------------------------------------------
@@ -156,14 +170,21 @@ class QSFTModel(nn.Module):
     # --- training --------------------------------------------------------------------------------
 
     def losses(
-        self, batch: dict[str, Any], gamma: float, floor: float, train_behaviour: bool = True
+        self, batch: dict[str, Any], gamma: float, floor: float, train_behaviour: bool = True, backup: str = "max"
     ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
         """(q_loss, bc_loss, metrics) of a transition batch whose `reward` is already in [0, 1].
 
         One forward per model: p_theta over (s_t, a_t); pi_phi and the target over (s_t, a_t) and
         s_{t+1} stacked as 2B rows (the next rows carry the same action tokens, which their first
         row, the only one read, cannot see).
+
+        backup="mc" is a diagnostic, not Q-SFT: every token's target is the transition's Monte-Carlo
+        return (`mc_return`, in [0, 1]), no bootstrapping and no target network, so p_theta learns
+        the behaviour policy's Q; it tells whether the model can learn values from this data at
+        all when the bootstrapped backup does not (docs/qsft.md).
         """
+        if backup not in BACKUPS:
+            raise UserError(f"backup={backup!r}; use one of {', '.join(BACKUPS)}.")
         ids = self.tokens.encode(batch["action"])  # (B, 7)
         index = self.tokens.id_to_index(ids)
         B, both = ids.shape[0], torch.cat([batch["image"], batch["next_image"]])
@@ -173,11 +194,17 @@ class QSFTModel(nn.Module):
         with torch.set_grad_enabled(train_behaviour and torch.is_grad_enabled()):
             pi_logits = self.pi.action_logits(self.pi.prefix(both, instructions), inputs)[..., 1:]  # (2B, 7, 256)
         with torch.no_grad():
-            target = log_q(self.q_target.action_logits(self.q_target.prefix(both, instructions), inputs), self.labels)
-            # the token state after token j: rows 1..6 of the action, then row 0 of the next observation
-            after = [torch.cat([x[:B, 1:], x[B:, :1]], dim=1) for x in (target, pi_logits.detach().log_softmax(-1))]
-            ratio, support = max_ratio(*after, floor)
-            y, raw = token_targets(batch["reward"].float(), batch["terminal"].float(), ratio, gamma)
+            if backup == "mc":
+                raw = batch["mc_return"].float()[:, None].expand(B, ACTION_DIM)
+                y, support = raw.clamp(0.0, 1.0), torch.zeros(())
+            else:
+                target = log_q(
+                    self.q_target.action_logits(self.q_target.prefix(both, instructions), inputs), self.labels
+                )
+                # the token state after token j: rows 1..6 of the action, then row 0 of the next observation
+                after = [torch.cat([x[:B, 1:], x[B:, :1]], dim=1) for x in (target, pi_logits.detach().log_softmax(-1))]
+                ratio, support = max_ratio(*after, floor)
+                y, raw = token_targets(batch["reward"].float(), batch["terminal"].float(), ratio, gamma)
         if self.labels == "uniform":
             q_loss = soft_label_ce(q_logits[..., 1:], index, y).mean()
         else:
@@ -202,19 +229,23 @@ class QSFTModel(nn.Module):
     @torch.no_grad()
     def select(
         self, images: torch.Tensor, instructions: Sequence[str], k: int, beta: float, temperature: float = 1.0,
-        top_k: int = 0, generator: torch.Generator | None = None,
+        top_k: int = 0, generator: torch.Generator | None = None, value: str = "p_theta", floor: float = 0.02,
     ) -> torch.Tensor:  # fmt: skip
-        """K actions per observation from pi(a|s) ∝ pi_phi exp(beta p_theta), token by token: ids (N, K, 7).
+        """K actions per observation from pi(a|s) ∝ pi_phi exp(beta v), token by token: ids (N, K, 7).
+
+        v = p_theta, or p_theta / pi_phi over tokens above `floor` (`selection_logits`).
 
         Both models prefill their prefix once with the KV cache, repeat it K times, and decode the 7
         tokens in lockstep (one one-token forward of each per step); temperature 0 = greedy.
         """
         if temperature <= 0 and k > 1:
-            return self.select(images, instructions, 1, beta, 0.0, top_k, generator).expand(-1, k, -1).clone()
+            one = self.select(images, instructions, 1, beta, 0.0, top_k, generator, value, floor)
+            return one.expand(-1, k, -1).clone()
         decs = [m.prefill(m.prefix(images, instructions), k) for m in (self.pi, self.q)]
         chosen = []
         for step in range(ACTION_DIM):
-            scores = selection_logits(decs[0].logits[:, 1:], log_q(decs[1].logits, self.labels).exp(), beta)
+            q_probs = log_q(decs[1].logits, self.labels).exp()
+            scores = selection_logits(decs[0].logits[:, 1:], q_probs, beta, value, floor)
             index = choose(scores, temperature, top_k, generator)
             chosen.append(index)
             if step < ACTION_DIM - 1:
@@ -248,6 +279,8 @@ class QSFTModel(nn.Module):
         return q.view(N, K)
 
     @torch.no_grad()
-    def evaluate(self, batch: dict[str, Any], gamma: float, floor: float) -> dict[str, torch.Tensor]:
+    def evaluate(
+        self, batch: dict[str, Any], gamma: float, floor: float, backup: str = "max"
+    ) -> dict[str, torch.Tensor]:
         """Held-out loss metrics."""
-        return self.losses(batch, gamma, floor, train_behaviour=False)[2]
+        return self.losses(batch, gamma, floor, train_behaviour=False, backup=backup)[2]

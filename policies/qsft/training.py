@@ -32,7 +32,7 @@ from policies.config import VLAModelConfig
 from policies.learned import resolve_device, save_policy_checkpoint
 from policies.qsft.config import TrainQSFTConfig
 from policies.qsft.policy import NAME
-from policies.qsft.qsft import QSFTModel, unit_rewards
+from policies.qsft.qsft import BACKUPS, QSFTModel, unit_rewards
 from policies.training import (
     METRICS_FILE,
     _get_rng,
@@ -44,7 +44,7 @@ from policies.training import (
 )
 
 log = logging.getLogger(__name__)
-BATCH_KEYS = ("image", "next_image", "action", "reward", "terminal")
+BATCH_KEYS = ("image", "next_image", "action", "reward", "terminal", "mc_return")
 
 
 def check_config(cfg: TrainQSFTConfig) -> None:
@@ -55,6 +55,15 @@ def check_config(cfg: TrainQSFTConfig) -> None:
         raise UserError(f"pi_floor={cfg.pi_floor}: it must lie in (0, 1).")
     if not 0 <= cfg.gamma <= 1 or not 0 < cfg.polyak <= 1:
         raise UserError(f"gamma={cfg.gamma} must lie in [0, 1] and polyak={cfg.polyak} in (0, 1].")
+    if cfg.backup not in BACKUPS:
+        raise UserError(f"backup={cfg.backup!r}; use one of {', '.join(BACKUPS)}.")
+    reward = cfg.data.reward
+    if cfg.backup == "mc" and (reward.success_reward, reward.step_reward, reward.discount) != (1.0, 0.0, cfg.gamma):
+        raise UserError(
+            "backup=mc uses the data layer's Monte-Carlo returns as Q targets, so they must be in Q-SFT's units: "
+            f"add data.reward.success_reward=1 data.reward.step_reward=0 data.reward.discount={cfg.gamma} "
+            f"(now {reward.success_reward}, {reward.step_reward}, {reward.discount})."
+        )
     if cfg.behaviour == "frozen" and not (cfg.policy.model.init or cfg.policy.model.backbone == "hf"):
         raise UserError("behaviour=frozen keeps pi_phi as initialised: give policy.model.init=<train_policy vla run>.")
 
@@ -177,7 +186,9 @@ def _train_step(cfg: TrainQSFTConfig, model: QSFTModel, optimizer: Any, schedule
         batch["image"], batch["next_image"] = augment_pair(batch["image"], batch["next_image"], g)
     joint = cfg.behaviour == "joint"
     with torch.autocast(batch["image"].device.type, dtype=torch.bfloat16, enabled=autocast):
-        q_loss, bc_loss, metrics = model.losses(batch, cfg.gamma, cfg.pi_floor, train_behaviour=joint)
+        q_loss, bc_loss, metrics = model.losses(
+            batch, cfg.gamma, cfg.pi_floor, train_behaviour=joint, backup=cfg.backup
+        )
     loss = q_loss + cfg.bc_weight * bc_loss if joint else q_loss
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
@@ -202,7 +213,7 @@ def validate(model: QSFTModel, val: tuple, cfg: TrainQSFTConfig, device: torch.d
     sums: dict[str, float] = {}
     for raw in loader:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-            metrics = model.evaluate(to_device(raw, cfg, device), cfg.gamma, cfg.pi_floor)
+            metrics = model.evaluate(to_device(raw, cfg, device), cfg.gamma, cfg.pi_floor, cfg.backup)
         sums = {k: sums.get(k, 0.0) + float(v) for k, v in metrics.items()}
     model.train()
     return {f"val/{k}": v / max(cfg.val_batches, 1) for k, v in sums.items()}

@@ -140,6 +140,31 @@ def test_selection_rule_on_fixed_logits() -> None:
     assert [int(selection_logits(pi_logits, q_probs, b).argmax()) for b in (0.0, 1.0, 8.0)] == [0, 0, 2]
 
 
+def test_ratio_selection_on_fixed_logits() -> None:
+    """value=ratio: beta multiplies p_theta / pi_phi, and tokens at or under the floor cannot be chosen."""
+    pi_logits = logp(0.5, 0.3, 0.19, 0.01)
+    q_probs = torch.tensor([0.05, 0.15, 0.095, 0.009], dtype=torch.float64)  # ratios 0.1, 0.5, 0.5, 0.9
+    for beta in (0.0, 2.0, 20.0):
+        weights = torch.tensor([0.5, 0.3, 0.19, 0.0], dtype=torch.float64) * torch.exp(
+            beta * torch.tensor([0.1, 0.5, 0.5, 0])
+        )
+        got = selection_logits(pi_logits, q_probs, beta, value="ratio", floor=0.02).softmax(-1)
+        torch.testing.assert_close(got, weights / weights.sum())
+    # at a large beta the ratio ties tokens 1 and 2 and pi_phi breaks the tie
+    assert int(selection_logits(pi_logits, q_probs, 50.0, "ratio").argmax()) == 1
+    # where they disagree: p_theta follows pi_phi's mass (0.3 = 0.6 x 0.5), the ratio the value (0.8)
+    pi_logits, q_probs = logp(0.6, 0.1, 0.3), torch.tensor([0.3, 0.08, 0.12], dtype=torch.float64)
+    assert [int(selection_logits(pi_logits, q_probs, 50.0, v).argmax()) for v in ("p_theta", "ratio")] == [0, 1]
+    # pi_phi's mode stays in whatever the floor
+    assert torch.isfinite(selection_logits(pi_logits, q_probs, 1.0, "ratio", floor=0.9)).tolist() == [
+        True,
+        False,
+        False,
+    ]
+    with pytest.raises(UserError, match="select_value"):
+        selection_logits(pi_logits, q_probs, 1.0, value="q")
+
+
 def test_log_q_normalises_over_the_right_tokens() -> None:
     logits = torch.randn(2, 257)
     assert torch.allclose(log_q(logits, "uniform").exp().sum(-1), torch.ones(2))

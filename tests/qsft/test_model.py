@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from configs.errors import UserError
 from policies.qsft.qsft import QSFTModel, log_q, max_ratio, selection_logits, soft_label_ce, token_targets
 from tests.qsft.helpers import images, tiny_qsft_model
 
@@ -59,6 +60,23 @@ def test_loss_wires_the_action_boundary(model: QSFTModel, monkeypatch) -> None:
     torch.testing.assert_close(metrics["target"], y.mean())
 
 
+def test_mc_backup_regresses_every_token_on_the_return_without_the_target(model: QSFTModel, monkeypatch) -> None:
+    """backup=mc: y = clip(mc_return) on all 7 tokens, and the target network is never run."""
+    B, data = 4, batch()
+    data["mc_return"] = torch.tensor([0.3, 0.0, 1.0, 1.7])  # 1.7: clipped to 1
+    torch.manual_seed(2)
+    q_logits = torch.randn(B, 7, 257)
+    monkeypatch.setattr(model.q, "action_logits", lambda prefix, ids: q_logits.clone())
+    monkeypatch.setattr(model.q_target, "prefix", lambda *a: pytest.fail("the target network ran"))
+    q_loss, _, metrics = model.losses(data, gamma=0.9, floor=1e-4, backup="mc")
+    y = torch.tensor([0.3, 0.0, 1.0, 1.0])[:, None].expand(B, 7)
+    index = model.tokens.id_to_index(model.tokens.encode(data["action"]))
+    torch.testing.assert_close(q_loss, soft_label_ce(q_logits[..., 1:], index, y).mean())
+    assert metrics["target_clipped"] == 1 / 4
+    with pytest.raises(UserError, match="backup="):
+        model.losses(data, gamma=0.9, floor=1e-4, backup="sarsa")
+
+
 def test_gradients_reach_the_trained_models_only(model: QSFTModel) -> None:
     model.zero_grad(set_to_none=True)
     q_loss, bc_loss, _ = model.losses(batch(), 0.98, 1e-4, train_behaviour=True)
@@ -87,6 +105,16 @@ def test_greedy_selection_is_the_rule_decoded_token_by_token(model: QSFTModel) -
     assert torch.equal(chosen[:, 0], ids)
     plain, _ = model.pi.net.sample(ims, texts, 1, temperature=0.0)
     assert torch.equal(model.select(ims, texts, 1, 0.0, temperature=0.0), plain)
+    # the ratio rule, decoded the same way
+    chosen = model.select(ims, texts, 1, beta, temperature=0.0, value="ratio", floor=0.01)
+    ids = torch.empty(2, 0, dtype=torch.long)
+    for _ in range(7):
+        pi = model.pi.action_logits(model.pi.prefix(ims, texts), ids)[:, -1, 1:]
+        q = log_q(model.q.action_logits(model.q.prefix(ims, texts), ids)[:, -1], model.labels).exp()
+        ids = torch.cat(
+            [ids, model.tokens.index_to_id(selection_logits(pi, q, beta, "ratio", 0.01).argmax(-1))[:, None]], 1
+        )
+    assert torch.equal(chosen[:, 0], ids)
 
 
 @torch.no_grad()

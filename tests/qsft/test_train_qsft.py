@@ -91,6 +91,26 @@ def test_checkpoint_acts_and_scores(policy_data_dir: Path, tmp_path: Path) -> No
     assert ((p_theta > 0) & (p_theta < 1)).all()
 
 
+def test_mc_backup_run_and_its_value_separation(policy_data_dir: Path, tmp_path: Path, monkeypatch) -> None:
+    """backup=mc trains on [0, 1] returns; benchmarks/value_separation.py scores the checkpoint like a critic."""
+    from tests.values.test_value_separation import load_script
+
+    run_dir = run(policy_data_dir, tmp_path, "name=mc", "steps=2", "backup=mc", "gamma=0.9", "data.reward.discount=0.9",
+                  "data.reward.success_reward=1", "data.reward.step_reward=0", "policy.model.labels=dummy")  # fmt: skip
+    val = [line for line in metric_lines(run_dir) if "val/target" in line]
+    assert val and all(0 < line["val/target"] <= 1 and line["val/target_clipped"] == 0 for line in val)
+    script, results = load_script(), {}
+    for mode, fraction in (("p_theta", None), ("ratio", 0.5)):
+        out = tmp_path / f"sep_{mode}.json"
+        argv = ["value_separation.py", str(run_dir), "--qsft-mode", mode, "--out", str(out)]
+        monkeypatch.setattr("sys.argv", argv + (["--val-fraction", str(fraction)] if fraction else []))
+        script.main()
+        results[mode] = json.loads(out.read_text())
+        assert results[mode]["scorer"] == f"qsft:{mode}" and 0 <= results[mode]["auc_success_matched"] <= 1
+    # the split hashes episode keys: a larger held-out fraction keeps the smaller one's episodes and adds some
+    assert results["ratio"]["transitions"] > results["p_theta"]["transitions"]
+
+
 def test_frozen_behaviour_from_a_train_policy_checkpoint(policy_data_dir: Path, tmp_path: Path) -> None:
     """pi_phi trained beforehand (train_policy.py): Q-SFT starts all three from it and leaves pi_phi alone."""
     init = tiny_checkpoint("vla", tmp_path / "sft")
@@ -109,8 +129,11 @@ def test_frozen_behaviour_from_a_train_policy_checkpoint(policy_data_dir: Path, 
 
 @pytest.mark.parametrize(
     ("override", "message"),
-    [("behaviour=sometimes", "behaviour="), ("pi_floor=1.5", "pi_floor"), ("behaviour=frozen", "policy.model.init")],
-)
+    [
+        ("behaviour=sometimes", "behaviour="), ("pi_floor=1.5", "pi_floor"), ("behaviour=frozen", "policy.model.init"),
+        ("backup=sarsa", "backup="), ("backup=mc", "data.reward.success_reward=1 data.reward.step_reward=0"),
+    ],
+)  # fmt: skip
 def test_bad_options_fail_before_anything_is_written(tmp_path: Path, override: str, message: str) -> None:
     with pytest.raises(UserError, match=message):
         training.train_qsft(qsft_config(f"run_root={tmp_path}/runs", "data.data_dir=/nowhere", override))
