@@ -17,7 +17,7 @@ PIP_INSTALL := $(BIN)/pip install -q --no-cache-dir --no-compile
 NEED_GB ?= 11
 
 $(BIN)/python:
-	@free=$$(df -Pk . | awk 'NR == 2 {print int($$4 / 1048576)}'); \
+	@free=$$(df -Pk "$$(dirname "$(VENV)")" | awk 'NR == 2 {print int($$4 / 1048576)}'); \
 	echo "install: $$free GB free on this disk; a full install needs about $(NEED_GB) GB"; \
 	if [ "$$free" -lt $(NEED_GB) ]; then \
 	  echo "install: warning: less than $(NEED_GB) GB free, pip may stop with 'No space left on device';" \
