@@ -116,7 +116,7 @@ def qsft_scorer(ckpt: Path, mode: str) -> Callable[[dict], torch.Tensor]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("run", help="train_value.py run directory or checkpoint directory")
+    p.add_argument("run", help="train_value.py or train_qsft.py run directory, or a checkpoint directory")
     p.add_argument("--params", default="target", choices=["target", "online"])
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--buckets", type=int, nargs="+", default=[0, 10, 20, 30, 10**6], help="timestep bucket edges")
@@ -126,7 +126,8 @@ def main() -> None:
     args = p.parse_args()
 
     ckpt, prepared, val = held_out(args.run, args.val_fraction)
-    q_of = qsft_scorer(ckpt, args.qsft_mode) if is_qsft(ckpt) else critic_scorer(ckpt, args.params, prepared, val)
+    qsft = is_qsft(ckpt)
+    q_of = qsft_scorer(ckpt, args.qsft_mode) if qsft else critic_scorer(ckpt, args.params, prepared, val)
     qs, ok, ts, mcs = [], [], [], []
     with torch.no_grad():
         for start in range(0, len(val), args.batch):
@@ -144,7 +145,7 @@ def main() -> None:
     result = {
         "benchmark": "value_separation",
         "checkpoint": str(ckpt),
-        "scorer": f"qsft:{args.qsft_mode}" if is_qsft(ckpt) else f"critic:{args.params}",
+        "scorer": f"qsft:{args.qsft_mode}" if qsft else f"critic:{args.params}",
         "val_fraction": args.val_fraction,
         "episodes": {name: len(np.unique(episode[success == flag])) for name, flag in (("success", 1), ("failure", 0))},
         **separation(q[known], success[known] == 1, timestep[known], mc[known], args.buckets),

@@ -57,7 +57,7 @@ class QSFTPolicy(LearnedPolicy):
     def __init__(self, loaded: LoadedModel, cfg: Any, device: torch.device) -> None:
         super().__init__(loaded, cfg, device)
         self.beta, self.temperature, self.top_k = float(cfg.beta), float(cfg.temperature), int(cfg.top_k)
-        self.value, self.floor = str(cfg.get("select_value", "p_theta")), float(cfg.get("select_floor", 0.02))
+        self.value, self.floor = str(cfg.select_value), float(cfg.select_floor)
         if self.value not in CRITIC_MODES:
             raise UserError(f"policy.select_value={self.value!r}; use one of {', '.join(CRITIC_MODES)}.")
         if not 0 < self.floor < 1:

@@ -126,7 +126,7 @@ def selection_logits(
     if value == "p_theta":
         return log_pi + beta * q_probs
     if value != "ratio":
-        raise UserError(f"policy.select_value={value!r}; use p_theta or ratio.")
+        raise UserError(f"policy.select_value={value!r}; use one of {', '.join(CRITIC_MODES)}.")
     support = (log_pi > math.log(floor)) | (log_pi == log_pi.amax(-1, keepdim=True))
     return (log_pi + beta * q_probs / log_pi.exp()).masked_fill(~support, float("-inf"))
 
@@ -187,16 +187,19 @@ class QSFTModel(nn.Module):
             raise UserError(f"backup={backup!r}; use one of {', '.join(BACKUPS)}.")
         ids = self.tokens.encode(batch["action"])  # (B, 7)
         index = self.tokens.id_to_index(ids)
-        B, both = ids.shape[0], torch.cat([batch["image"], batch["next_image"]])
-        instructions = list(batch["instruction"]) * 2
-        inputs = ids[:, :-1].repeat(2, 1)
+        B, mc = ids.shape[0], backup == "mc"
+        # the backup reads the next observation too; the mc targets need only s_t (pi_phi: its SFT loss)
+        both = batch["image"] if mc else torch.cat([batch["image"], batch["next_image"]])
+        instructions = list(batch["instruction"]) * (1 if mc else 2)
+        inputs = ids[:, :-1] if mc else ids[:, :-1].repeat(2, 1)
         q_logits = self.q.action_logits(self.q.prefix(batch["image"], batch["instruction"]), ids[:, :-1])
         with torch.set_grad_enabled(train_behaviour and torch.is_grad_enabled()):
             pi_logits = self.pi.action_logits(self.pi.prefix(both, instructions), inputs)[..., 1:]  # (2B, 7, 256)
+        extra = {}
         with torch.no_grad():
-            if backup == "mc":
+            if mc:
                 raw = batch["mc_return"].float()[:, None].expand(B, ACTION_DIM)
-                y, support = raw.clamp(0.0, 1.0), torch.zeros(())
+                y = raw.clamp(0.0, 1.0)
             else:
                 target = log_q(
                     self.q_target.action_logits(self.q_target.prefix(both, instructions), inputs), self.labels
@@ -205,6 +208,7 @@ class QSFTModel(nn.Module):
                 after = [torch.cat([x[:B, 1:], x[B:, :1]], dim=1) for x in (target, pi_logits.detach().log_softmax(-1))]
                 ratio, support = max_ratio(*after, floor)
                 y, raw = token_targets(batch["reward"].float(), batch["terminal"].float(), ratio, gamma)
+                extra["ratio_support"] = support.float().mean()
         if self.labels == "uniform":
             q_loss = soft_label_ce(q_logits[..., 1:], index, y).mean()
         else:
@@ -215,7 +219,7 @@ class QSFTModel(nn.Module):
             metrics = {
                 "q_loss": q_loss.detach(), "bc_loss": bc_loss.detach(),
                 "target": y.mean(), "target_last": y[:, -1].mean(), "target_clipped": (raw > 1).float().mean(),
-                "p_theta": p.mean(), "p_theta_last": p[:, -1].mean(), "ratio_support": support.float().mean(),
+                "p_theta": p.mean(), "p_theta_last": p[:, -1].mean(), **extra,
                 "token_accuracy": (pi_logits[:B].argmax(-1) == index).float().mean(),
             }  # fmt: skip
         return q_loss, bc_loss, metrics

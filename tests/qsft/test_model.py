@@ -68,7 +68,10 @@ def test_mc_backup_regresses_every_token_on_the_return_without_the_target(model:
     q_logits = torch.randn(B, 7, 257)
     monkeypatch.setattr(model.q, "action_logits", lambda prefix, ids: q_logits.clone())
     monkeypatch.setattr(model.q_target, "prefix", lambda *a: pytest.fail("the target network ran"))
+    seen, prefix = [], model.pi.prefix
+    monkeypatch.setattr(model.pi, "prefix", lambda im, ins: seen.append(len(im)) or prefix(im, ins))
     q_loss, _, metrics = model.losses(data, gamma=0.9, floor=1e-4, backup="mc")
+    assert seen == [B] and "ratio_support" not in metrics  # pi_phi reads s_t only: no next state, no support
     y = torch.tensor([0.3, 0.0, 1.0, 1.0])[:, None].expand(B, 7)
     index = model.tokens.id_to_index(model.tokens.encode(data["action"]))
     torch.testing.assert_close(q_loss, soft_label_ce(q_logits[..., 1:], index, y).mean())
