@@ -2,8 +2,14 @@
 PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-# The torch build to install first (these machines carry 2.14.1 on disk; elsewhere pick yours).
+# The torch build to install first. Without an NVIDIA GPU: torch 2.13.0 (these machines carry its CPU
+# build on disk, 0.9 GB installed, against 5.5 GB for the CUDA build with its NVIDIA libraries) and
+# the torchvision made for it. With one: the CUDA build of 2.14.1. Override: make TORCH_SPEC="...".
+ifeq ($(shell command -v nvidia-smi 2>/dev/null),)
+TORCH_SPEC ?= torch==2.13.0 torchvision==0.28.0
+else
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+endif
 PYTEST_MARKERS ?= not slow and not gpu
 export MUJOCO_GL ?= egl
 
@@ -12,9 +18,10 @@ export MUJOCO_GL ?= egl
 # No wheel cache and no byte-compiling of every installed module: together about 1.5 GB less
 # disk at the install's peak (modules still compile on first import).
 PIP_INSTALL := $(BIN)/pip install -q --no-cache-dir --no-compile
-# A full install takes about 9 GB (torch with its CUDA libraries 5.3, TensorFlow 1.3, robosuite
-# 0.5) plus the downloads while pip runs; say so before pip fails half-way with ENOSPC.
-NEED_GB ?= 11
+# A full install takes about 4 GB with the CPU torch (TensorFlow 1.3, torch 0.9, robosuite 0.5) and
+# about 8.5 GB with the CUDA one, plus the downloads while pip runs; say so before pip fails half-way
+# with ENOSPC.
+NEED_GB ?= $(if $(findstring 2.13.0,$(TORCH_SPEC)),6,11)
 
 $(BIN)/python:
 	@free=$$(df -Pk "$$(dirname "$(VENV)")" | awk 'NR == 2 {print int($$4 / 1048576)}'); \
@@ -26,9 +33,21 @@ $(BIN)/python:
 	$(PY) -m venv $(VENV)
 	$(PIP_INSTALL) --upgrade pip
 
+# With a CPU torch, PyPI's torchvision (built against CUDA torch) cannot load its C++ ops and then
+# fails to import at all; .ci/site/cpu_torchvision.py, loaded by a .pth file, lets it import with
+# those ops reported unavailable (robosteer uses none of them). Nothing is written for a CUDA torch.
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(PIP_INSTALL) $(TORCH_SPEC)
+	@site=$$($(BIN)/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])"); \
+	rm -f "$$site/robosteer-cpu-torchvision.pth"; \
+	if $(BIN)/python -c "import sys, torch; sys.exit(torch.version.cuda is not None)"; then \
+	  printf '%s\nimport cpu_torchvision; cpu_torchvision.install()\n' "$(CURDIR)/.ci/site" \
+	    > "$$site/robosteer-cpu-torchvision.pth"; \
+	  echo "install: CPU torch: wrote $$site/robosteer-cpu-torchvision.pth"; \
+	fi
 	$(PIP_INSTALL) -e '.[all,dev]'
+	$(BIN)/python -c "import torch, torchvision, timm; print('install: torch', torch.__version__, \
+	  'torchvision', torchvision.__version__, 'timm', timm.__version__)"
 	touch $@
 
 install: $(VENV)/.installed
