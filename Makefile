@@ -34,14 +34,15 @@ $(BIN)/python:
 	$(PIP_INSTALL) --upgrade pip
 
 # With a CPU torch, PyPI's torchvision (built against CUDA torch) cannot load its C++ ops and then
-# fails to import at all; .ci/site/cpu_torchvision.py, loaded by a .pth file, lets it import with
-# those ops reported unavailable (robosteer uses none of them). Nothing is written for a CUDA torch.
+# fails to import at all; .ci/site/_robosteer_cpu_torchvision.py, loaded by a .pth file, lets it
+# import with those ops reported unavailable (robosteer uses none of them). Nothing is written for
+# a CUDA torch.
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(PIP_INSTALL) $(TORCH_SPEC)
 	@site=$$($(BIN)/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])"); \
 	rm -f "$$site/robosteer-cpu-torchvision.pth"; \
 	if $(BIN)/python -c "import sys, torch; sys.exit(torch.version.cuda is not None)"; then \
-	  printf '%s\nimport cpu_torchvision; cpu_torchvision.install()\n' "$(CURDIR)/.ci/site" \
+	  printf '%s\nimport _robosteer_cpu_torchvision; _robosteer_cpu_torchvision.install()\n' "$(CURDIR)/.ci/site" \
 	    > "$$site/robosteer-cpu-torchvision.pth"; \
 	  echo "install: CPU torch: wrote $$site/robosteer-cpu-torchvision.pth"; \
 	fi
