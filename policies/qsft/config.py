@@ -95,7 +95,9 @@ class TrainQSFTConfig:
     # and pi_phi's most likely token. With 256 action tokens a larger floor (1e-2) curbs the max's
     # over-estimation from rarely seen tokens (docs/qsft.md).
     pi_floor: float = 1e-4
-    # Q targets: "max" = Q-SFT's bootstrapped backup above; "mc" = a diagnostic that regresses
+    # Q targets: "max" = Q-SFT's bootstrapped backup above; "double" = the same with double Q-learning
+    # (p_theta picks the next token, the target p_thetabar values it: less over-estimation, one more
+    # forward of p_theta per step); "mc" = a diagnostic that regresses
     # p_theta on the data's Monte-Carlo returns instead (behaviour Q, no bootstrapping; needs
     # data.reward.success_reward=1 data.reward.step_reward=0 data.reward.discount=<gamma>).
     backup: str = "max"

@@ -49,7 +49,7 @@ from values.networks import soft_update
 
 CRITIC_MODES = ("p_theta", "ratio")
 LABELS = ("uniform", "dummy")
-BACKUPS = ("max", "mc")
+BACKUPS = ("max", "double", "mc")
 
 # --- loss math -----------------------------------------------------------------------------------
 
@@ -69,14 +69,35 @@ def log_q(logits: torch.Tensor, labels: str) -> torch.Tensor:
     return logits[..., 1:].log_softmax(-1) if labels == "uniform" else logits.log_softmax(-1)[..., 1:]
 
 
+def ratio_support(log_pi: torch.Tensor, floor: float) -> torch.Tensor:
+    """Tokens the backup's max may pick: pi_phi(a') > floor, and pi_phi's most likely token, whatever the floor."""
+    return (log_pi > math.log(floor)) | (log_pi == log_pi.amax(-1, keepdim=True))
+
+
 def max_ratio(log_target: torch.Tensor, log_pi: torch.Tensor, floor: float) -> tuple[torch.Tensor, torch.Tensor]:
     """max_{a': pi(a') > floor} pbar(a') / pi(a') over the last axis (..., A) of log-probabilities -> (...,).
 
     Also returns the support size. Tokens pi_phi gives at most `floor` are left out, as their
     ratios explode (Pitfall 2); pi_phi's most likely token always stays in, whatever the floor.
     """
-    support = (log_pi > math.log(floor)) | (log_pi == log_pi.amax(-1, keepdim=True))
+    support = ratio_support(log_pi, floor)
     return (log_target - log_pi).masked_fill(~support, float("-inf")).amax(-1).exp(), support.sum(-1)
+
+
+def double_ratio(
+    log_target: torch.Tensor, log_pi: torch.Tensor, log_online: torch.Tensor, floor: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """pbar(a*) / pi(a*) with a* = argmax_{a': pi(a') > floor} p_theta(a') / pi(a'): the double-Q backup -> (...,).
+
+    Double Q-learning (van Hasselt, Guez, Silver, AAAI 2016): the online p_theta picks the next
+    token and the target p_thetabar values it, so one network's noise does not both choose and
+    score. A max over noisy estimates is biased up; in the token MDP that bias compounds over the
+    7 tokens of every action (gamma = 1 inside), which `max_ratio` cannot avoid (docs/qsft.md).
+    Also returns the support size.
+    """
+    support = ratio_support(log_pi, floor)
+    choice = (log_online - log_pi).masked_fill(~support, float("-inf")).argmax(-1, keepdim=True)
+    return (log_target - log_pi).gather(-1, choice)[..., 0].exp(), support.sum(-1)
 
 
 def token_targets(
@@ -127,8 +148,7 @@ def selection_logits(
         return log_pi + beta * q_probs
     if value != "ratio":
         raise UserError(f"policy.select_value={value!r}; use one of {', '.join(CRITIC_MODES)}.")
-    support = (log_pi > math.log(floor)) | (log_pi == log_pi.amax(-1, keepdim=True))
-    return (log_pi + beta * q_probs / log_pi.exp()).masked_fill(~support, float("-inf"))
+    return (log_pi + beta * q_probs / log_pi.exp()).masked_fill(~ratio_support(log_pi, floor), float("-inf"))
 
 
 # --- the model -----------------------------------------------------------------------------------
@@ -178,6 +198,10 @@ class QSFTModel(nn.Module):
         s_{t+1} stacked as 2B rows (the next rows carry the same action tokens, which their first
         row, the only one read, cannot see).
 
+        backup="double": the next token is chosen by p_theta (one more forward of it over s_{t+1},
+        no gradient; inside the action its own logits of (s_t, a_t) are the next token states) and
+        valued by the target (`double_ratio`).
+
         backup="mc" is a diagnostic, not Q-SFT: every token's target is the transition's Monte-Carlo
         return (`mc_return`, in [0, 1]), no bootstrapping and no target network, so p_theta learns
         the behaviour policy's Q; it tells whether the model can learn values from this data at
@@ -206,7 +230,12 @@ class QSFTModel(nn.Module):
                 )
                 # the token state after token j: rows 1..6 of the action, then row 0 of the next observation
                 after = [torch.cat([x[:B, 1:], x[B:, :1]], dim=1) for x in (target, pi_logits.detach().log_softmax(-1))]
-                ratio, support = max_ratio(*after, floor)
+                if backup == "double":
+                    next_q = self.q.action_logits(self.q.prefix(batch["next_image"], batch["instruction"]), ids[:, :-1])
+                    online = log_q(torch.cat([q_logits[:, 1:].detach(), next_q[:, :1]], dim=1), self.labels)
+                    ratio, support = double_ratio(*after, online, floor)
+                else:
+                    ratio, support = max_ratio(*after, floor)
                 y, raw = token_targets(batch["reward"].float(), batch["terminal"].float(), ratio, gamma)
                 extra["ratio_support"] = support.float().mean()
         if self.labels == "uniform":

@@ -10,6 +10,7 @@ from torch.nn import functional as F
 
 from configs.errors import UserError
 from policies.qsft.qsft import (
+    double_ratio,
     dummy_label_ce,
     log_q,
     max_ratio,
@@ -60,6 +61,22 @@ def test_max_ratio_floor_and_support() -> None:
     # a floor above every token keeps pi_phi's most likely one: 0.25 / 0.5
     ratio, support = max_ratio(target, pi, 0.9)
     assert support == 1 and math.isclose(float(ratio), 0.5, rel_tol=1e-9)
+
+
+def test_double_ratio_values_the_online_choice_with_the_target() -> None:
+    """backup=double: p_theta picks among pi_phi's supported tokens, the target's ratio at that token is y."""
+    pi = logp(0.5, 0.25, 0.24995, 0.00005)  # token 3 below the floor
+    target = logp(0.3, 0.2, 0.4, 0.1)  # target ratios 0.6, 0.8, 1.6, (2000, cut)
+    online = logp(0.1, 0.5, 0.1, 0.3)  # online ratios 0.2, 2.0, 0.4, (6000, cut) -> token 1
+    ratio, support = double_ratio(target, pi, online, FLOOR)
+    assert support == 3 and math.isclose(float(ratio), 0.8, rel_tol=1e-9)  # target's 0.2 / 0.25, not max 1.6
+    assert float(ratio) < float(max_ratio(target, pi, FLOOR)[0])  # never above the max backup
+    # the same network choosing and valuing is the max backup
+    torch.testing.assert_close(double_ratio(target, pi, target, FLOOR)[0], max_ratio(target, pi, FLOOR)[0])
+    # batched over leading axes, as the model calls it (B, 7, A)
+    rows = torch.stack([torch.stack([target, pi, online])] * 2)  # (2, 3, 4)
+    batched, _ = double_ratio(rows[:, :1], rows[:, 1:2], rows[:, 2:], FLOOR)
+    torch.testing.assert_close(batched, torch.full((2, 1), 0.8, dtype=torch.float64))
 
 
 def test_two_step_three_token_targets() -> None:

@@ -6,7 +6,15 @@ import pytest
 import torch
 
 from configs.errors import UserError
-from policies.qsft.qsft import QSFTModel, log_q, max_ratio, selection_logits, soft_label_ce, token_targets
+from policies.qsft.qsft import (
+    QSFTModel,
+    double_ratio,
+    log_q,
+    max_ratio,
+    selection_logits,
+    soft_label_ce,
+    token_targets,
+)
 from tests.qsft.helpers import images, tiny_qsft_model
 
 INSTRUCTIONS = ["reach forward", "go", "pick up the red cube", "go"]
@@ -58,6 +66,36 @@ def test_loss_wires_the_action_boundary(model: QSFTModel, monkeypatch) -> None:
     index = model.tokens.id_to_index(model.tokens.encode(data["action"]))
     torch.testing.assert_close(q_loss, soft_label_ce(logits["q"][..., 1:], index, y).mean())
     torch.testing.assert_close(metrics["target"], y.mean())
+
+
+def test_double_backup_lets_p_theta_choose_and_the_target_value(model: QSFTModel, monkeypatch) -> None:
+    """backup=double: inside the action the online choice reads p_theta's own rows of (s, a); at the
+    boundary one more p_theta forward over s' (no gradient) chooses the first token."""
+    B, data = 4, batch()
+    torch.manual_seed(3)
+    pi, target = torch.randn(2 * B, 7, 257), torch.randn(2 * B, 7, 257)
+    q_now, q_next = torch.randn(B, 7, 257, requires_grad=True), torch.randn(B, 7, 257, requires_grad=True)
+    q_calls: list = []
+    monkeypatch.setattr(model.pi, "action_logits", lambda prefix, ids: pi.clone())
+    monkeypatch.setattr(model.q_target, "action_logits", lambda prefix, ids: target.clone())
+    prefix = model.q.prefix
+    monkeypatch.setattr(model.q, "prefix", lambda im, ins: q_calls.append(im.clone()) or prefix(im, ins))
+    monkeypatch.setattr(model.q, "action_logits", lambda p, ids: (q_now if len(q_calls) == 1 else q_next).clone())
+    q_loss, _, metrics = model.losses(data, gamma=0.9, floor=0.01, backup="double")
+    assert len(q_calls) == 2 and torch.equal(q_calls[0], data["image"]) and torch.equal(q_calls[1], data["next_image"])
+    log_pi, log_t = pi[..., 1:].log_softmax(-1), log_q(target, "uniform")
+    online_rows = torch.cat([q_now.detach()[:, 1:], q_next[:, :1]], dim=1)
+    expected = torch.zeros(B, 7)
+    for j in range(7):
+        row, half = (j + 1, slice(0, B)) if j < 6 else (0, slice(B, 2 * B))
+        expected[:, j] = double_ratio(log_t[half, row], log_pi[half, row], log_q(online_rows[:, j], "uniform"), 0.01)[0]
+        assert (expected[:, j] <= max_ratio(log_t[half, row], log_pi[half, row], 0.01)[0] + 1e-6).all()
+    y, _ = token_targets(data["reward"], data["terminal"], expected, 0.9)
+    index = model.tokens.id_to_index(model.tokens.encode(data["action"]))
+    torch.testing.assert_close(q_loss, soft_label_ce(q_now[..., 1:], index, y).mean())
+    torch.testing.assert_close(metrics["target"], y.mean())
+    q_loss.backward()  # the gradient flows through the s_t forward only
+    assert q_now.grad is not None and q_next.grad is None
 
 
 def test_mc_backup_regresses_every_token_on_the_return_without_the_target(model: QSFTModel, monkeypatch) -> None:
@@ -160,3 +198,26 @@ def test_polyak_update() -> None:
     m.update_target(0.25)
     for old, new, online in zip(before, m.q_target.parameters(), m.q.parameters(), strict=True):
         torch.testing.assert_close(new, 0.75 * old + 0.25 * online)
+
+
+def test_backup_diagnostic_orders_its_estimates(model: QSFTModel) -> None:
+    """benchmarks/qsft_backup.py: the max is never below the double, pi_phi's top or a supported data token."""
+    from benchmarks.qsft_backup import backup_estimates, summarise
+
+    data = batch()
+    est = backup_estimates(model, data, floor=0.001)
+    assert all(v.shape == (4, 6) for v in est.values())
+    assert (est["max"] >= est["double"] - 1e-6).all() and (est["max"] >= est["pi_top"] - 1e-6).all()
+    supported = est["data_token_supported"] == 1
+    assert (est["max"][supported] >= est["data_token"][supported] - 1e-6).all()
+    # the data token's ratio, recomputed by hand for token state after token 2 (row 3), transition 1
+    ids = model.tokens.encode(data["action"])
+    index = model.tokens.id_to_index(ids)
+    with torch.no_grad():
+        pi = model.pi.action_logits(model.pi.prefix(data["image"], data["instruction"]), ids[:, :-1])
+        target = model.q_target.action_logits(model.q_target.prefix(data["image"], data["instruction"]), ids[:, :-1])
+    a = index[1, 3]
+    expected = log_q(target, model.labels)[1, 3, a].exp() / pi[1, 3, 1:].softmax(-1)[a]
+    torch.testing.assert_close(est["data_token"][1, 2], expected)
+    summary = summarise({k: v.numpy() for k, v in est.items()}, torch.tensor([0.1, 0.2, 0.3, 0.4]).numpy())
+    assert summary["max"]["mean"] >= summary["double"]["mean"] and len(summary["by_token_state"]) == 6
