@@ -13,8 +13,10 @@ action, so each is an estimate of the robot step's Q):
 - `double`:      the ratio at the token p_theta's ratio picks (`backup=double`);
 - `max`:         the largest ratio over tokens with pi_phi > floor (`backup=max`, Q-SFT's backup);
 
-next to `mc_return`, the transition's discounted return in the data (what `data_token` should match
-when the rewards are in [0, 1] units). For the max it also reports pi_phi's probability of the token
+next to `mc_return`, the transition's discounted return in the data (what `data_token` should match).
+That comparison needs the run's data rewards in Q-SFT's units (`data.reward.success_reward=1
+step_reward=0 discount=<gamma>`, as `backup=mc` runs have); for other runs it is refused and the
+returns are left out of the JSON. For the max it also reports pi_phi's probability of the token
 it picks and how often that is pi_phi's most likely token: a max that keeps choosing tokens pi_phi
 finds unlikely, with ratios above the data's returns, is the backup leaving the data.
 
@@ -68,13 +70,27 @@ def backup_estimates(model: QSFTModel, batch: dict, floor: float) -> dict[str, t
     }
 
 
-def summarise(parts: dict[str, np.ndarray], mc: np.ndarray) -> dict:
-    """Means over transitions and token states; per estimate also the fraction above 1 (clipped by the backup)."""
-    out: dict = {"mc_return": float(mc.mean())}
+def summarise(parts: dict[str, np.ndarray], mc: np.ndarray | None) -> dict:
+    """Means over transitions and token states; per estimate also the fraction above 1 (clipped by the backup).
+
+    mc: the transitions' returns in Q-SFT's units, or None (not comparable; left out).
+    """
+    out: dict = {"mc_return": None if mc is None else float(mc.mean())}
     for name in ESTIMATES:
         v = parts[name]
-        out[name] = {"mean": float(v.mean()), "above_1": float((v > 1).mean()),
-                     "mean_minus_mc_return": float((v - mc[:, None]).mean())}  # fmt: skip
+        out[name] = {"mean": float(v.mean()), "median": float(np.median(v)), "above_1": float((v > 1).mean())}
+        if mc is not None:
+            out[name]["mean_minus_mc_return"] = float((v - mc[:, None]).mean())
+    supported = parts["data_token_supported"] == 1  # the data token above the floor: the max's own support
+    if supported.any():
+        out["data_token_where_supported"] = {
+            "mean": float(parts["data_token"][supported].mean()),
+            "median": float(np.median(parts["data_token"][supported])),
+        }
+        if mc is not None:
+            out["data_token_where_supported"]["mc_return"] = float(
+                np.broadcast_to(mc[:, None], supported.shape)[supported].mean()
+            )
     out["max_token_pi_median"] = float(np.median(parts["max_token_pi"]))
     out["max_is_pi_top"] = float(parts["max_is_pi_top"].mean())
     out["data_token_supported"] = float(parts["data_token_supported"].mean())
@@ -103,13 +119,24 @@ def main() -> None:
         for name, v in backup_estimates(loaded.model, b, floor).items():
             parts.setdefault(name, []).append(v.numpy())
         mcs.append(b["mc_return"].numpy())
-    mc = np.concatenate(mcs)
+    returns = np.concatenate(mcs)
+    reward, gamma = loaded.cfg.data.reward, float(loaded.cfg.get("gamma", 0.98))
+    units = (float(reward.success_reward), float(reward.step_reward), float(reward.discount)) == (1.0, 0.0, gamma)
+    if not units:
+        print(
+            f"note: the run's data returns are not in Q-SFT's units (success_reward={reward.success_reward}, "
+            f"step_reward={reward.step_reward}, discount={reward.discount}, gamma={gamma}): no mc_return comparison"
+        )
+    mc = returns if units else None
     joined = {name: np.concatenate(v) for name, v in parts.items()}
-    result = {"benchmark": "qsft_backup", "checkpoint": str(ckpt), "floor": floor, "transitions": len(mc),
+    result = {"benchmark": "qsft_backup", "checkpoint": str(ckpt), "floor": floor, "transitions": len(returns),
               "val_fraction": args.val_fraction, **summarise(joined, mc)}  # fmt: skip
     out = Path(args.out) if args.out else Path(args.run) / "qsft_backup.json"
     out.write_text(json.dumps(result, indent=1))
-    means = ", ".join(f"{name} {result[name]['mean']:.3f} ({result[name]['above_1']:.0%} > 1)" for name in ESTIMATES)
+    means = ", ".join(
+        f"{name} {result[name]['mean']:.3f} / {result[name]['median']:.3f} ({result[name]['above_1']:.0%} > 1)"
+        for name in ESTIMATES
+    )
     print(
         f"{ckpt}: mc_return {result['mc_return']:.3f}; {means}; the max's token: median pi_phi "
         f"{result['max_token_pi_median']:.3f}, pi_phi's top {result['max_is_pi_top']:.0%} -> {out}"

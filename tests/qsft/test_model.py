@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -221,3 +223,6 @@ def test_backup_diagnostic_orders_its_estimates(model: QSFTModel) -> None:
     torch.testing.assert_close(est["data_token"][1, 2], expected)
     summary = summarise({k: v.numpy() for k, v in est.items()}, torch.tensor([0.1, 0.2, 0.3, 0.4]).numpy())
     assert summary["max"]["mean"] >= summary["double"]["mean"] and len(summary["by_token_state"]) == 6
+    assert math.isclose(summary["max"]["mean_minus_mc_return"], summary["max"]["mean"] - 0.25, rel_tol=1e-5)
+    unknown = summarise({k: v.numpy() for k, v in est.items()}, None)  # returns not in Q-SFT's units
+    assert unknown["mc_return"] is None and "mean_minus_mc_return" not in unknown["max"]

@@ -121,6 +121,7 @@ def test_mc_backup_run_and_its_value_separation(policy_data_dir: Path, tmp_path:
     backup.main()
     result = json.loads(out.read_text())
     assert result["floor"] == 1e-4 and result["transitions"] == results["p_theta"]["transitions"]
+    assert 0 <= result["mc_return"] <= 1  # the run's rewards are in Q-SFT's units: compared
     assert result["max"]["mean"] >= result["double"]["mean"] and result["max"]["mean"] >= result["pi_top"]["mean"]
 
 
