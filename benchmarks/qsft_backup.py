@@ -137,9 +137,11 @@ def main() -> None:
         f"{name} {result[name]['mean']:.3f} / {result[name]['median']:.3f} ({result[name]['above_1']:.0%} > 1)"
         for name in ESTIMATES
     )
+    ret = "n/a" if mc is None else f"{result['mc_return']:.3f}"
     print(
-        f"{ckpt}: mc_return {result['mc_return']:.3f}; {means}; the max's token: median pi_phi "
-        f"{result['max_token_pi_median']:.3f}, pi_phi's top {result['max_is_pi_top']:.0%} -> {out}"
+        f"{ckpt}: mc_return {ret}; mean / median: {means}; data token above the floor "
+        f"{result['data_token_supported']:.0%}; the max's token: median pi_phi {result['max_token_pi_median']:.3f}, "
+        f"pi_phi's top {result['max_is_pi_top']:.0%} -> {out}"
     )
 
 
