@@ -5,10 +5,13 @@ BIN := $(VENV)/bin
 # The torch build to install first. Without an NVIDIA GPU: torch 2.13.0 (these machines carry its CPU
 # build on disk, 0.9 GB installed, against 5.5 GB for the CUDA build with its NVIDIA libraries) and
 # the torchvision made for it. With one: the CUDA build of 2.14.1. Override: make TORCH_SPEC="...".
+# NEED_GB: the free disk the install wants (environment plus pip's downloads; README "Installation").
 ifeq ($(shell command -v nvidia-smi 2>/dev/null),)
 TORCH_SPEC ?= torch==2.13.0 torchvision==0.28.0
+NEED_GB ?= 6
 else
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+NEED_GB ?= 11
 endif
 PYTEST_MARKERS ?= not slow and not gpu
 export MUJOCO_GL ?= egl
@@ -19,9 +22,8 @@ export MUJOCO_GL ?= egl
 # disk at the install's peak (modules still compile on first import).
 PIP_INSTALL := $(BIN)/pip install -q --no-cache-dir --no-compile
 # A full install takes about 4 GB with the CPU torch (TensorFlow 1.3, torch 0.9, robosuite 0.5) and
-# about 8.5 GB with the CUDA one, plus the downloads while pip runs; say so before pip fails half-way
-# with ENOSPC.
-NEED_GB ?= $(if $(findstring 2.13.0,$(TORCH_SPEC)),6,11)
+# about 8.5 GB with the CUDA one, plus the downloads while pip runs; say so (NEED_GB above) before
+# pip fails half-way with ENOSPC.
 
 $(BIN)/python:
 	@free=$$(df -Pk "$$(dirname "$(VENV)")" | awk 'NR == 2 {print int($$4 / 1048576)}'); \

@@ -49,11 +49,13 @@ def backup_estimates(model: QSFTModel, batch: dict, floor: float) -> dict[str, t
     ids = model.tokens.encode(batch["action"])  # (B, 7)
     index = model.tokens.id_to_index(ids)
 
-    def rows(backbone, labels: str | None) -> torch.Tensor:  # log-probabilities at the states after tokens 0..5
+    def rows(backbone, labels: str) -> torch.Tensor:  # log-probabilities at the states after tokens 0..5
         logits = backbone.action_logits(backbone.prefix(batch["image"], batch["instruction"]), ids[:, :-1])
-        return (logits[..., 1:].log_softmax(-1) if labels is None else log_q(logits, labels))[:, 1:]
+        return log_q(logits, labels)[:, 1:]
 
-    log_pi, log_t, log_online = rows(model.pi, None), rows(model.q_target, model.labels), rows(model.q, model.labels)
+    # pi_phi: the softmax over the action tokens (labels "uniform"), as in the loss
+    log_pi, log_t = rows(model.pi, "uniform"), rows(model.q_target, model.labels)
+    log_online = rows(model.q, model.labels)
     log_ratio = log_t - log_pi
     nxt = index[:, 1:, None]  # the data's next token
     top = log_pi.argmax(-1, keepdim=True)

@@ -198,9 +198,9 @@ class QSFTModel(nn.Module):
         s_{t+1} stacked as 2B rows (the next rows carry the same action tokens, which their first
         row, the only one read, cannot see).
 
-        backup="double": the next token is chosen by p_theta (one more forward of it over s_{t+1},
-        no gradient; inside the action its own logits of (s_t, a_t) are the next token states) and
-        valued by the target (`double_ratio`).
+        backup="double": the next token is chosen by p_theta (inside the action from its own logits
+        of (s_t, a_t); at the boundary one more forward of it over the prefix of s_{t+1}, no gradient)
+        and valued by the target (`double_ratio`).
 
         backup="mc" is a diagnostic, not Q-SFT: every token's target is the transition's Monte-Carlo
         return (`mc_return`, in [0, 1]), no bootstrapping and no target network, so p_theta learns
@@ -231,8 +231,9 @@ class QSFTModel(nn.Module):
                 # the token state after token j: rows 1..6 of the action, then row 0 of the next observation
                 after = [torch.cat([x[:B, 1:], x[B:, :1]], dim=1) for x in (target, pi_logits.detach().log_softmax(-1))]
                 if backup == "double":
-                    next_q = self.q.action_logits(self.q.prefix(batch["next_image"], batch["instruction"]), ids[:, :-1])
-                    online = log_q(torch.cat([q_logits[:, 1:].detach(), next_q[:, :1]], dim=1), self.labels)
+                    # p_theta at s_{t+1}'s first token: the logits after its prefix, no action tokens
+                    next_q = self.q.action_logits(self.q.prefix(batch["next_image"], batch["instruction"]), ids[:, :0])
+                    online = log_q(torch.cat([q_logits[:, 1:].detach(), next_q], dim=1), self.labels)
                     ratio, support = double_ratio(*after, online, floor)
                 else:
                     ratio, support = max_ratio(*after, floor)

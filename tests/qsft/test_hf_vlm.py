@@ -49,6 +49,8 @@ def test_cached_decoding_equals_full_forwards_and_padding_changes_nothing(backbo
     torch.testing.assert_close(rows, full[:, 1:].repeat_interleave(3, 0), rtol=1e-4, atol=1e-5)
     alone = backbone.action_logits(backbone.prefix(ims[:1], TEXTS[:1]), ids[:1])
     torch.testing.assert_close(alone, full[:1], rtol=1e-4, atol=1e-5)
+    # no action tokens: the row after the prefix only (the double backup's next-state choice)
+    torch.testing.assert_close(backbone.action_logits(backbone.prefix(ims, TEXTS), ids[:, :0]), full[:, :1])
 
 
 def test_qsft_loss_selection_and_critic(backbone: HFVLMBackbone) -> None:
@@ -57,6 +59,8 @@ def test_qsft_loss_selection_and_critic(backbone: HFVLMBackbone) -> None:
         "image": images(2, 2), "next_image": images(2, 3), "action": torch.rand(2, 7) * 2 - 1,
         "reward": torch.tensor([0.0, 1.0]), "terminal": torch.tensor([0.0, 1.0]), "instruction": TEXTS,
     }  # fmt: skip
+    double = model.losses(data, 0.98, 1e-4, backup="double")[2]
+    assert 0 <= double["target"] <= 1 and double["ratio_support"] >= 1
     q_loss, bc_loss, metrics = model.losses(data, 0.98, 1e-4)
     (q_loss + bc_loss).backward()
     assert torch.isfinite(q_loss) and torch.isfinite(bc_loss) and 0 <= metrics["target"] <= 1

@@ -76,17 +76,19 @@ def test_double_backup_lets_p_theta_choose_and_the_target_value(model: QSFTModel
     B, data = 4, batch()
     torch.manual_seed(3)
     pi, target = torch.randn(2 * B, 7, 257), torch.randn(2 * B, 7, 257)
-    q_now, q_next = torch.randn(B, 7, 257, requires_grad=True), torch.randn(B, 7, 257, requires_grad=True)
+    q_now, q_next = torch.randn(B, 7, 257, requires_grad=True), torch.randn(B, 257, requires_grad=True)
     q_calls: list = []
     monkeypatch.setattr(model.pi, "action_logits", lambda prefix, ids: pi.clone())
     monkeypatch.setattr(model.q_target, "action_logits", lambda prefix, ids: target.clone())
     prefix = model.q.prefix
     monkeypatch.setattr(model.q, "prefix", lambda im, ins: q_calls.append(im.clone()) or prefix(im, ins))
-    monkeypatch.setattr(model.q, "action_logits", lambda p, ids: (q_now if len(q_calls) == 1 else q_next).clone())
+    # (B, 6) action inputs over s_t; none over s_{t+1}: only the row after its prefix is needed
+    rows = {6: q_now, 0: q_next[:, None]}
+    monkeypatch.setattr(model.q, "action_logits", lambda p, ids: rows[ids.shape[1]].clone())
     q_loss, _, metrics = model.losses(data, gamma=0.9, floor=0.01, backup="double")
     assert len(q_calls) == 2 and torch.equal(q_calls[0], data["image"]) and torch.equal(q_calls[1], data["next_image"])
     log_pi, log_t = pi[..., 1:].log_softmax(-1), log_q(target, "uniform")
-    online_rows = torch.cat([q_now.detach()[:, 1:], q_next[:, :1]], dim=1)
+    online_rows = torch.cat([q_now.detach()[:, 1:], q_next[:, None]], dim=1)
     expected = torch.zeros(B, 7)
     for j in range(7):
         row, half = (j + 1, slice(0, B)) if j < 6 else (0, slice(B, 2 * B))

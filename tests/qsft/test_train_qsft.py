@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -17,8 +16,6 @@ from policies.base import make_policy
 from policies.qsft.policy import load_qsft_critic
 from tests.policies.conftest import DEBUG_TRAIN, observation, tiny_checkpoint
 from tests.qsft.helpers import qsft_config
-
-REPO = Path(__file__).resolve().parents[2]
 
 pytestmark = pytest.mark.tf
 
@@ -113,9 +110,8 @@ def test_mc_backup_run_and_its_value_separation(policy_data_dir: Path, tmp_path:
     # the split hashes episode keys: a larger held-out fraction keeps the smaller one's episodes and adds some
     assert results["ratio"]["transitions"] > results["p_theta"]["transitions"]
     # benchmarks/qsft_backup.py on the same checkpoint: the run's floor, ordered estimates, JSON out
-    spec = importlib.util.spec_from_file_location("qsft_backup", REPO / "benchmarks" / "qsft_backup.py")
-    backup = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(backup)
+    from benchmarks import qsft_backup as backup
+
     out = tmp_path / "backup.json"
     monkeypatch.setattr("sys.argv", ["qsft_backup.py", str(run_dir), "--out", str(out)])
     backup.main()
