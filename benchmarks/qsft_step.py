@@ -8,14 +8,16 @@ config, whose backbone is the `vla` policy's architecture. Milliseconds:
 
 - sft_step:        one AdamW step of `VLAModel.loss` (train_policy.py's step), batch B,
 - qsft_step:       one train_qsft step: p_theta over (s, a), pi_phi and the target over (s, a) and s'
-                   (2B rows), joint SFT of pi_phi, Polyak update; and its ratio to sft_step,
+                   (2B rows; pi_phi's s' rows without a gradient), joint SFT of pi_phi, Polyak update;
+                   and its ratio to sft_step,
 - sft_decode[K]:   `VLAModel.sample` of K actions for one observation (KV cache, 7 steps),
 - qsft_select[K]:  `QSFTModel.select` of K actions (two models decoding in lockstep); and the ratio,
 - critic[K]:       `QSFTModel.score` of K candidate actions (p_theta mode).
 
 Goal (issue 6, GPU): qsft_step <= 2 x sft_step and qsft_select <= 1.5 x sft_decode. Q-SFT does
-three forwards (one of B, two of 2B rows) and two backwards where SFT does one of each, so ~3x
-is the expected compute ratio; selection decodes two models, ~2x. Writes benchmarks/results/qsft_step.json.
+three forwards (one of B, two of 2B rows) and two backwards of B rows where SFT does one of each
+(about 9 row-passes against 3, counting a backward as two forwards), so ~3x is the expected compute
+ratio; selection decodes two models, ~2x. Writes benchmarks/results/qsft_step.json.
 """
 
 from __future__ import annotations

@@ -107,11 +107,12 @@ class CalQLAgent(Agent):
         cfg, n = self.cfg, self.cfg.cql_n_actions
         s, s_next, lang, a = batch["image"], batch["next_image"], batch["lang"], batch["action"]
         B = a.shape[0]
-        # one actor pass over s and s' (B + B rows)
-        mean, std = self.actor(torch.cat([s, s_next]), torch.cat([lang, lang]))
-        a_cur, logp_cur = self.actor.sample(mean[:B], std[:B], n, g)  # (n, B, 7), (n, B); keeps gradient
+        # the actor over s with a gradient; over s' without one: a single pass over both (2B rows) would
+        # run its backward over all 2B, half of them with a zero gradient (GroupNorm: rows are independent)
+        mean, std = self.actor(s, lang)
+        a_cur, logp_cur = self.actor.sample(mean, std, n, g)  # (n, B, 7), (n, B); keeps gradient
         with torch.no_grad():
-            a_next, logp_next = self.actor.sample(mean[B:], std[B:], n, g)
+            a_next, logp_next = self.actor.sample(*self.actor(s_next, lang), n, g)
             a_next, logp_next = a_next.transpose(0, 1), logp_next.T  # (B, n, 7), (B, n)
             # max-target backup over the n samples, or a single sample (the first) without it
             backup = a_next if cfg.cql_max_target_backup else a_next[:, :1]

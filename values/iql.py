@@ -61,10 +61,9 @@ class IQLAgent(Agent):
 
     def losses(self, batch: dict[str, torch.Tensor], g: torch.Generator) -> tuple[torch.Tensor, dict]:
         s, s_next, lang, a = batch["image"], batch["next_image"], batch["lang"], batch["action"]
-        B = a.shape[0]
-        v_both = self.value(torch.cat([s, s_next]), torch.cat([lang, lang]))  # one pass over s and s'
-        v, next_v = v_both[:B], v_both[B:]
+        v = self.value(s, lang)
         with torch.no_grad():
+            next_v = self.value(s_next, lang)  # V(s') is a target: no backward over these rows
             q_target = self.target.q(s, lang, a).float().min(dim=0).values
         value_loss = expectile_loss(q_target - v, self.cfg.expectile)
         q = self.critic.q(s, lang, a).float()

@@ -24,8 +24,26 @@ from values.config import EncoderConfig
 ACTION_DIM = 7
 
 
+class GroupNorm(nn.GroupNorm):
+    """nn.GroupNorm that keeps a bf16 / fp16 input's precision under autocast.
+
+    CUDA autocast runs group_norm in float32, so in a bf16 network every norm casts its input up,
+    everything after it until the next convolution (SiLU, the residual add, FiLM) runs in float32,
+    and the convolution casts back: about 1,400 conversions per Cal-QL update on the H200 profile
+    (docs/values.md). The kernel accumulates its statistics in float32 either way; here the output
+    stays in the input's dtype, as batch norm's does under autocast (CPU autocast already does this).
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32 or not torch.is_autocast_enabled(x.device.type):
+            return super().forward(x)
+        with torch.autocast(x.device.type, enabled=False):
+            weight, bias = (None, None) if self.weight is None else (self.weight.to(x.dtype), self.bias.to(x.dtype))
+            return F.group_norm(x, self.num_groups, weight, bias, self.eps)
+
+
 def _group_norm(groups: int):
-    return lambda channels, **kw: nn.GroupNorm(groups, channels, **kw)
+    return lambda channels, **kw: GroupNorm(groups, channels, **kw)
 
 
 def images_to_input(images: torch.Tensor, coord_channels: bool, channels_last: bool) -> torch.Tensor:
@@ -50,7 +68,7 @@ class FiLM(nn.Module):
 
     def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         gamma, beta = self.proj(cond).to(x.dtype)[:, :, None, None].chunk(2, dim=1)  # (B, C, 1, 1) each
-        return x * (1 + gamma) + beta
+        return torch.addcmul(beta, x, 1 + gamma)  # one elementwise pass over x, not two
 
 
 class FiLMResNet(nn.Module):

@@ -196,7 +196,9 @@ class QSFTModel(nn.Module):
 
         One forward per model: p_theta over (s_t, a_t); pi_phi and the target over (s_t, a_t) and
         s_{t+1} stacked as 2B rows (the next rows carry the same action tokens, which their first
-        row, the only one read, cannot see).
+        row, the only one read, cannot see). When pi_phi trains (behaviour=joint) its s_{t+1} rows
+        are a second forward without a gradient: in the shared one, autograd would run pi_phi's
+        backward over all 2B rows, half of them with a zero gradient.
 
         backup="double": the next token is chosen by p_theta (inside the action from its own logits
         of (s_t, a_t); at the boundary one more forward of it over the prefix of s_{t+1}, no gradient)
@@ -218,7 +220,15 @@ class QSFTModel(nn.Module):
         inputs = ids[:, :-1] if mc else ids[:, :-1].repeat(2, 1)
         q_logits = self.q.action_logits(self.q.prefix(batch["image"], batch["instruction"]), ids[:, :-1])
         with torch.set_grad_enabled(train_behaviour and torch.is_grad_enabled()):
-            pi_logits = self.pi.action_logits(self.pi.prefix(both, instructions), inputs)[..., 1:]  # (2B, 7, 256)
+            if mc or not torch.is_grad_enabled():
+                pi_logits = self.pi.action_logits(self.pi.prefix(both, instructions), inputs)[..., 1:]  # (2B, 7, 256)
+            else:  # joint SFT: s_{t+1}'s rows without a gradient, or the backward would run over 2B rows, not B
+                pi_logits = self.pi.action_logits(self.pi.prefix(batch["image"], batch["instruction"]), ids[:, :-1])
+                with torch.no_grad():
+                    pi_next = self.pi.action_logits(
+                        self.pi.prefix(batch["next_image"], batch["instruction"]), ids[:, :-1]
+                    )
+                pi_logits = torch.cat([pi_logits, pi_next])[..., 1:]
         extra = {}
         with torch.no_grad():
             if mc:

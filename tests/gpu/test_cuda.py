@@ -67,6 +67,21 @@ def test_critic_q_on_cuda_matches_cpu_and_bf16_stays_close() -> None:
     assert (q_bf16 - q_cpu).abs().max() <= 0.05 * q_cpu.abs().max() + 1e-2
 
 
+def test_group_norm_stays_bf16_under_cuda_autocast() -> None:
+    """CUDA autocast runs torch's group_norm in float32 (a cast up before it and back at the next
+    convolution); the encoder's GroupNorm keeps bf16 and stays close to the float32 result."""
+    from values.networks import GroupNorm
+
+    torch.manual_seed(0)
+    norm = GroupNorm(4, 8).cuda()
+    x = torch.randn(2, 8, 5, 5, device="cuda") * 3 + 1
+    with torch.autocast("cuda", torch.bfloat16):
+        assert torch.nn.functional.group_norm(x.bfloat16(), 4).dtype == torch.float32  # why GroupNorm exists
+        y = norm(x.bfloat16())
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), norm(x), rtol=2e-2, atol=3e-2)
+
+
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("algo", ["calql", "iql"])
 def test_agent_updates_on_cuda_with_bf16(algo: str, channels_last: bool) -> None:

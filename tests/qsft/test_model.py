@@ -43,21 +43,49 @@ def batch(b: int = 4, seed: int = 0) -> dict:
     }  # fmt: skip
 
 
-def test_loss_wires_the_action_boundary(model: QSFTModel, monkeypatch) -> None:
-    """Token j < 6 bootstraps from row j + 1 of (s, a); token 6 from row 0 of s'; one forward per model."""
+def fake_forwards(monkeypatch, backbone, table: torch.Tensor, data: dict, seen: list | None = None) -> None:
+    """`backbone` returns rows of `table` (s_t: rows :B, s_{t+1}: rows B:) for the images of its prefix;
+    `seen` records (images, instructions, grad enabled) of each prefix."""
+    B = len(data["image"])
+    parts = [(data["image"], slice(0, B)), (data["next_image"], slice(B, 2 * B))]
+    parts.append((torch.cat([data["image"], data["next_image"]]), slice(0, 2 * B)))
+
+    def prefix(im: torch.Tensor, ins: list) -> torch.Tensor:
+        if seen is not None:
+            seen.append((im.clone(), list(ins), torch.is_grad_enabled()))
+        return im
+
+    def action_logits(im: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        for part, rows in parts:
+            if im.shape == part.shape and torch.equal(im, part):
+                return table[rows].clone()
+        raise AssertionError("a forward over images that are neither s_t, s_{t+1} nor both")
+
+    monkeypatch.setattr(backbone, "prefix", prefix)
+    monkeypatch.setattr(backbone, "action_logits", action_logits)
+
+
+@pytest.mark.parametrize("train_behaviour", [True, False])
+def test_loss_wires_the_action_boundary(model: QSFTModel, monkeypatch, train_behaviour: bool) -> None:
+    """Token j < 6 bootstraps from row j + 1 of (s, a); token 6 from row 0 of s'. One batched forward per
+    model over s_t and s_{t+1}, except for a pi_phi that trains: its s_{t+1} rows get a forward of their
+    own, without a gradient (the backward then runs over B rows, not 2B)."""
     B, data = 4, batch()
     torch.manual_seed(1)
     logits = {"pi": torch.randn(2 * B, 7, 257), "q": torch.randn(B, 7, 257), "q_target": torch.randn(2 * B, 7, 257)}
     seen: dict[str, list] = {name: [] for name in logits}
     for name, table in logits.items():
-        backbone = getattr(model, name)
-        monkeypatch.setattr(backbone, "prefix", lambda im, ins, n=name: seen[n].append((im.clone(), list(ins))))
-        monkeypatch.setattr(backbone, "action_logits", lambda prefix, ids, t=table: t.clone())
-    q_loss, _, metrics = model.losses(data, gamma=0.9, floor=1e-4)
-    assert [len(v) for v in seen.values()] == [1, 1, 1]  # one batched forward per model
+        fake_forwards(monkeypatch, getattr(model, name), table, data, seen[name])
+    q_loss, _, metrics = model.losses(data, gamma=0.9, floor=1e-4, train_behaviour=train_behaviour)
     both = torch.cat([data["image"], data["next_image"]])
-    assert torch.equal(seen["pi"][0][0], both) and seen["pi"][0][1] == INSTRUCTIONS * 2
-    assert torch.equal(seen["q"][0][0], data["image"])
+    if train_behaviour:
+        (now, _, now_grad), (after, _, after_grad) = seen["pi"]  # exactly two forwards
+        assert torch.equal(now, data["image"]) and now_grad
+        assert torch.equal(after, data["next_image"]) and not after_grad
+    else:
+        assert len(seen["pi"]) == 1 and torch.equal(seen["pi"][0][0], both) and seen["pi"][0][1] == INSTRUCTIONS * 2
+    assert len(seen["q"]) == len(seen["q_target"]) == 1  # one batched forward each
+    assert torch.equal(seen["q"][0][0], data["image"]) and torch.equal(seen["q_target"][0][0], both)
     pi, target = logits["pi"][..., 1:].log_softmax(-1), log_q(logits["q_target"], "uniform")
     expected = torch.zeros(B, 7)
     for j in range(7):  # the per-token loop the model does without
@@ -70,6 +98,18 @@ def test_loss_wires_the_action_boundary(model: QSFTModel, monkeypatch) -> None:
     torch.testing.assert_close(metrics["target"], y.mean())
 
 
+def test_joint_behaviour_forward_equals_one_pass_over_both_states(model: QSFTModel) -> None:
+    """The split forward of a training pi_phi changes no number: the same targets and losses as the shared one."""
+    data = batch()
+    joint = model.losses(data, 0.9, 0.01, train_behaviour=True)
+    with torch.no_grad():
+        shared = model.losses(data, 0.9, 0.01, train_behaviour=True)  # no gradient: one pass over 2B rows
+    for a, b in zip(joint[:2], shared[:2], strict=True):
+        torch.testing.assert_close(a.detach(), b, rtol=1e-5, atol=1e-6)
+    for name in ("target", "target_clipped", "ratio_support", "token_accuracy"):
+        torch.testing.assert_close(joint[2][name], shared[2][name], rtol=1e-5, atol=1e-6)
+
+
 def test_double_backup_lets_p_theta_choose_and_the_target_value(model: QSFTModel, monkeypatch) -> None:
     """backup=double: inside the action the online choice reads p_theta's own rows of (s, a); at the
     boundary one more p_theta forward over s' (no gradient) chooses the first token."""
@@ -78,8 +118,8 @@ def test_double_backup_lets_p_theta_choose_and_the_target_value(model: QSFTModel
     pi, target = torch.randn(2 * B, 7, 257), torch.randn(2 * B, 7, 257)
     q_now, q_next = torch.randn(B, 7, 257, requires_grad=True), torch.randn(B, 257, requires_grad=True)
     q_calls: list = []
-    monkeypatch.setattr(model.pi, "action_logits", lambda prefix, ids: pi.clone())
-    monkeypatch.setattr(model.q_target, "action_logits", lambda prefix, ids: target.clone())
+    fake_forwards(monkeypatch, model.pi, pi, data)
+    fake_forwards(monkeypatch, model.q_target, target, data)
     prefix = model.q.prefix
     monkeypatch.setattr(model.q, "prefix", lambda im, ins: q_calls.append(im.clone()) or prefix(im, ins))
     # (B, 6) action inputs over s_t; none over s_{t+1}: only the row after its prefix is needed

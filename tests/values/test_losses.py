@@ -24,7 +24,7 @@ from values.config import EncoderConfig
 from values.iql import awr_loss, expectile_loss, q_loss
 from values.language import HashEncoder
 from values.metrics import average_ranks, matched_auc, spearman
-from values.networks import Actor, Critic, EnsembleMLP, FiLMResNet, soft_update
+from values.networks import Actor, Critic, EnsembleMLP, FiLM, FiLMResNet, GroupNorm, soft_update
 
 T = torch.tensor
 
@@ -119,6 +119,71 @@ def test_critic_shapes_film_identity_and_batched_actions() -> None:
             torch.testing.assert_close(many[:, :, j], critic.q(images, lang, actions[:, j]))
     params = sum(p.numel() for p in Critic(FiLMResNet(EncoderConfig(), 512), [256, 256], 2).parameters())
     assert params / 1e6 == pytest.approx(25.6, abs=0.1)  # V-GPS: 25.6M
+
+
+def test_film_scales_and_shifts_each_sample() -> None:
+    torch.manual_seed(0)
+    film = FiLM(3, 2)
+    torch.nn.init.normal_(film.proj.weight)
+    torch.nn.init.normal_(film.proj.bias)
+    x, cond = torch.randn(2, 2, 4, 4), torch.randn(2, 3)
+    gamma, beta = (cond @ film.proj.weight.T + film.proj.bias).chunk(2, dim=1)  # (B, C) each
+    torch.testing.assert_close(film(x, cond), x * (1 + gamma[:, :, None, None]) + beta[:, :, None, None])
+
+
+def test_group_norm_keeps_bf16_under_autocast() -> None:
+    """float32: torch's GroupNorm exactly; under autocast a bf16 input stays bf16 (CUDA autocast would
+    cast it to float32), close to the float32 result, with float32 gradients for the affine weights."""
+    torch.manual_seed(0)
+    norm = GroupNorm(4, 8)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+        norm.bias.uniform_(-0.5, 0.5)
+    x = torch.randn(2, 8, 5, 5) * 3 + 1
+    reference = torch.nn.functional.group_norm(x, 4, norm.weight, norm.bias, norm.eps)
+    assert torch.equal(norm(x), reference)
+    low = x.bfloat16().requires_grad_()
+    with torch.autocast("cpu", torch.bfloat16):
+        y = norm(low)
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), reference, rtol=2e-2, atol=3e-2)
+    y.float().square().sum().backward()
+    assert norm.weight.grad.dtype == torch.float32 and norm.weight.grad.abs().sum() > 0 and low.grad is not None
+    assert isinstance(FiLMResNet(EncoderConfig(arch="resnet10t"), 8).net.layer1[0].bn1, GroupNorm)
+
+
+@pytest.mark.parametrize("algo", ["calql", "iql"])
+def test_next_state_pass_runs_without_gradient(algo: str) -> None:
+    """The network read at s and s' (Cal-QL: the actor; IQL: V) runs with a gradient over the B rows of s
+    only; s' rows get a forward without one, so the backward does not run over 2B rows. Exact, because
+    GroupNorm normalises each row on its own: one pass over 2B rows gives the same outputs."""
+    from values.config import LanguageConfig, ValueConfig
+    from values.train import make_agent
+
+    torch.manual_seed(0)
+    cfg = ValueConfig(algo=algo, encoder=EncoderConfig(arch="resnet10t"), hidden=[16, 16],
+                      language=LanguageConfig(name="hash", dim=8), warmup_steps=1)  # fmt: skip
+    agent = make_agent(cfg, 8, 0.98, seed=0, channels_last=False)
+    net = agent.actor if algo == "calql" else agent.value
+    calls: list[tuple[int, bool]] = []
+    net.encoder.register_forward_hook(lambda m, args, out: calls.append((len(args[0]), torch.is_grad_enabled())))
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (2, 4, 32, 32, 3), generator=g, dtype=torch.uint8)
+    batch = {
+        "image": images[0], "next_image": images[1], "lang": torch.randn(4, 8, generator=g),
+        "action": torch.rand(4, 7, generator=g) * 2 - 1, "reward": -torch.ones(4), "terminal": torch.zeros(4),
+        "mc_return": -torch.rand(4, generator=g) * 20,
+    }  # fmt: skip
+    metrics = agent.update(batch)
+    assert calls == [(4, True), (4, False)] and all(np.isfinite(v) for v in metrics.values())
+    with torch.no_grad():
+        both = net(torch.cat([batch["image"], batch["next_image"]]), torch.cat([batch["lang"]] * 2))
+        apart = [net(batch[k], batch["lang"]) for k in ("image", "next_image")]
+    if algo == "calql":  # (mean, std)
+        both, apart = torch.cat(both, -1), torch.cat([torch.cat(apart[0], -1), torch.cat(apart[1], -1)])
+    else:
+        apart = torch.cat(apart)
+    torch.testing.assert_close(both, apart, rtol=1e-5, atol=1e-6)
 
 
 def test_soft_update() -> None:
