@@ -268,3 +268,33 @@ def test_backup_diagnostic_orders_its_estimates(model: QSFTModel) -> None:
     assert math.isclose(summary["max"]["mean_minus_mc_return"], summary["max"]["mean"] - 0.25, rel_tol=1e-5)
     unknown = summarise({k: v.numpy() for k, v in est.items()}, None)  # returns not in Q-SFT's units
     assert unknown["mc_return"] is None and "mean_minus_mc_return" not in unknown["max"]
+
+
+def test_selection_diagnostic_rules_and_statistics(model: QSFTModel) -> None:
+    """benchmarks/qsft_selection.py: the four rules are distributions; temperature 0.5 and the rule are the
+    hand-computed ones; beta 0 makes the rule pi_phi; the statistics reduce them per transition."""
+    from benchmarks.qsft_selection import RULES, rule_log_probs, summarise, token_statistics
+
+    data = batch()
+    rules = rule_log_probs(model, data, beta=30.0)
+    assert set(rules) == set(RULES) and all(v.shape == (4, 7, 256) for v in rules.values())
+    for logp in rules.values():
+        torch.testing.assert_close(logp.exp().sum(-1), torch.ones(4, 7))
+    ids = model.tokens.encode(data["action"])
+    with torch.no_grad():
+        pi = model.pi.action_logits(model.pi.prefix(data["image"], data["instruction"]), ids[:, :-1])[..., 1:]
+        q = log_q(model.q.action_logits(model.q.prefix(data["image"], data["instruction"]), ids[:, :-1]), model.labels)
+    torch.testing.assert_close(rules["t05"], (2 * pi).log_softmax(-1))
+    torch.testing.assert_close(rules["qsft"], (pi.log_softmax(-1) + 30.0 * q.exp()).log_softmax(-1))
+    torch.testing.assert_close(rules["control"], (pi.log_softmax(-1) + 30.0 * pi.softmax(-1)).log_softmax(-1))
+    flat = rule_log_probs(model, data, beta=0.0)
+    torch.testing.assert_close(flat["qsft"], flat["pi"])
+    index = model.tokens.id_to_index(ids)
+    stats = token_statistics(flat, index)
+    assert all(v.shape == (4,) for v in stats.values())
+    assert torch.allclose(stats["qsft_reweight"], torch.zeros(4), atol=1e-5) and (stats["tv_qsft_pi"] < 1e-5).all()
+    assert (stats["t05_entropy"] < stats["pi_entropy"]).all()  # a lower temperature sharpens
+    summary = summarise({k: v.numpy() for k, v in token_statistics(rules, index).items()},
+                        torch.tensor([1, 0, 1, -1]).numpy(), torch.tensor([0, 0, 1, 1]).numpy())  # fmt: skip
+    assert summary["transitions"] == 4 and summary["success_fraction"] == pytest.approx(2 / 3)
+    assert set(summary["qsft"]) == {"entropy", "p_top", "p_data", "reweight_auc"} and "tv_to_qsft" in summary["pi"]
