@@ -27,7 +27,8 @@ ACTION_DIM = 7
 class GroupNorm(nn.GroupNorm):
     """nn.GroupNorm that keeps a bf16 / fp16 input's precision under autocast.
 
-    CUDA autocast runs group_norm in float32, so in a bf16 network every norm casts its input up,
+    CUDA autocast runs group_norm in float32 (PyTorch's autocast op reference lists it among the CUDA
+    ops that autocast to float32), so in a bf16 network every norm casts its input up,
     everything after it until the next convolution (SiLU, the residual add, FiLM) runs in float32,
     and the convolution casts back: about 1,400 conversions per Cal-QL update on the H200 profile
     (docs/values.md). The kernel accumulates its statistics in float32 either way; here the output
