@@ -68,6 +68,7 @@ def token_statistics(rules: dict[str, torch.Tensor], index: torch.Tensor) -> dic
     """Per transition (B,): each rule's mean entropy and probability of pi's top / the data token over the
     7 token states, its log re-weighting of the data action (summed), and TV distances to `qsft`."""
     top = rules["pi"].argmax(-1, keepdim=True)
+    pi_data = rules["pi"].gather(-1, index[..., None])[..., 0]  # (B, 7)
     out = {}
     for name, logp in rules.items():
         p = logp.exp()
@@ -75,7 +76,6 @@ def token_statistics(rules: dict[str, torch.Tensor], index: torch.Tensor) -> dic
         out[f"{name}_p_top"] = p.gather(-1, top)[..., 0].mean(-1)
         data = logp.gather(-1, index[..., None])[..., 0]  # (B, 7)
         out[f"{name}_p_data"] = data.exp().mean(-1)
-        pi_data = rules["pi"].gather(-1, index[..., None])[..., 0]
         out[f"{name}_reweight"] = (data - pi_data).clamp(min=-50.0).sum(-1)  # -inf (token cut by a floor) -> -50
         if name != "qsft":
             out[f"tv_qsft_{name}"] = 0.5 * (rules["qsft"].exp() - p).abs().sum(-1).mean(-1)

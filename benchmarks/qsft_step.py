@@ -8,7 +8,7 @@ config, whose backbone is the `vla` policy's architecture. Milliseconds:
 
 - sft_step:        one AdamW step of `VLAModel.loss` (train_policy.py's step), batch B,
 - qsft_step:       one train_qsft step: p_theta over (s, a), pi_phi and the target over (s, a) and s'
-                   (2B rows; pi_phi's s' rows without a gradient), joint SFT of pi_phi, Polyak update;
+                   (2B rows; pi_phi's s' prefix without a gradient), joint SFT of pi_phi, Polyak update;
                    and its ratio to sft_step,
 - sft_decode[K]:   `VLAModel.sample` of K actions for one observation (KV cache, 7 steps),
 - qsft_select[K]:  `QSFTModel.select` of K actions (two models decoding in lockstep); and the ratio,

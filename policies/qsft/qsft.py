@@ -196,9 +196,9 @@ class QSFTModel(nn.Module):
 
         One forward per model: p_theta over (s_t, a_t); pi_phi and the target over (s_t, a_t) and
         s_{t+1} stacked as 2B rows (the next rows carry the same action tokens, which their first
-        row, the only one read, cannot see). When pi_phi trains (behaviour=joint) its s_{t+1} rows
-        are a second forward without a gradient: in the shared one, autograd would run pi_phi's
-        backward over all 2B rows, half of them with a zero gradient.
+        row, the only one read, cannot see). When pi_phi trains (behaviour=joint) it runs twice
+        instead: over (s_t, a_t) with a gradient, and over s_{t+1}'s prefix alone without one; in
+        the shared pass autograd would run pi_phi's backward over all 2B rows, B of them without a loss.
 
         backup="double": the next token is chosen by p_theta (inside the action from its own logits
         of (s_t, a_t); at the boundary one more forward of it over the prefix of s_{t+1}, no gradient)
@@ -220,15 +220,17 @@ class QSFTModel(nn.Module):
         inputs = ids[:, :-1] if mc else ids[:, :-1].repeat(2, 1)
         q_logits = self.q.action_logits(self.q.prefix(batch["image"], batch["instruction"]), ids[:, :-1])
         with torch.set_grad_enabled(train_behaviour and torch.is_grad_enabled()):
-            if mc or not torch.is_grad_enabled():
-                pi_logits = self.pi.action_logits(self.pi.prefix(both, instructions), inputs)[..., 1:]  # (2B, 7, 256)
-            else:  # joint SFT: s_{t+1}'s rows without a gradient, or the backward would run over 2B rows, not B
+            if mc or not torch.is_grad_enabled():  # one pass over s_t and s_{t+1} (2B rows; B for mc)
+                pi_both = self.pi.action_logits(self.pi.prefix(both, instructions), inputs)[..., 1:]
+                pi_logits, pi_next = pi_both[:B], pi_both[B:, :1]  # (B, 7, 256), (B, 1, 256)
+            else:  # joint SFT: a backward over the shared pass would run over 2B rows, B of them without a loss
                 pi_logits = self.pi.action_logits(self.pi.prefix(batch["image"], batch["instruction"]), ids[:, :-1])
-                with torch.no_grad():
+                pi_logits = pi_logits[..., 1:]
+                with torch.no_grad():  # s_{t+1}'s first-token row: its prefix alone, as for `next_q` below
                     pi_next = self.pi.action_logits(
-                        self.pi.prefix(batch["next_image"], batch["instruction"]), ids[:, :-1]
+                        self.pi.prefix(batch["next_image"], batch["instruction"]), ids[:, :0]
                     )
-                pi_logits = torch.cat([pi_logits, pi_next])[..., 1:]
+                pi_next = pi_next[..., 1:]
         extra = {}
         with torch.no_grad():
             if mc:
@@ -239,7 +241,8 @@ class QSFTModel(nn.Module):
                     self.q_target.action_logits(self.q_target.prefix(both, instructions), inputs), self.labels
                 )
                 # the token state after token j: rows 1..6 of the action, then row 0 of the next observation
-                after = [torch.cat([x[:B, 1:], x[B:, :1]], dim=1) for x in (target, pi_logits.detach().log_softmax(-1))]
+                log_pi = torch.cat([pi_logits[:, 1:].detach(), pi_next], dim=1).log_softmax(-1)
+                after = [torch.cat([target[:B, 1:], target[B:, :1]], dim=1), log_pi]
                 if backup == "double":
                     # p_theta at s_{t+1}'s first token: the logits after its prefix, no action tokens
                     next_q = self.q.action_logits(self.q.prefix(batch["next_image"], batch["instruction"]), ids[:, :0])
@@ -253,14 +256,14 @@ class QSFTModel(nn.Module):
             q_loss = soft_label_ce(q_logits[..., 1:], index, y).mean()
         else:
             q_loss = dummy_label_ce(q_logits, index, y).mean()
-        bc_loss = F.cross_entropy(pi_logits[:B].reshape(-1, NUM_ACTION_TOKENS), index.reshape(-1))
+        bc_loss = F.cross_entropy(pi_logits.reshape(-1, NUM_ACTION_TOKENS), index.reshape(-1))
         with torch.no_grad():
             p = log_q(q_logits, self.labels).exp().gather(-1, index[..., None])[..., 0]  # p_theta(a_j|s, a_<j)
             metrics = {
                 "q_loss": q_loss.detach(), "bc_loss": bc_loss.detach(),
                 "target": y.mean(), "target_last": y[:, -1].mean(), "target_clipped": (raw > 1).float().mean(),
                 "p_theta": p.mean(), "p_theta_last": p[:, -1].mean(), **extra,
-                "token_accuracy": (pi_logits[:B].argmax(-1) == index).float().mean(),
+                "token_accuracy": (pi_logits.argmax(-1) == index).float().mean(),
             }  # fmt: skip
         return q_loss, bc_loss, metrics
 

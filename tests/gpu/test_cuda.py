@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from values.config import EncoderConfig, LanguageConfig, ValueConfig
+from tests.values.helpers import small_value_config, value_batch
 
 pytestmark = [
     pytest.mark.gpu,
@@ -28,22 +28,6 @@ def exact_fp32() -> Any:
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     yield
     torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul, cudnn
-
-
-def small_value_config(algo: str) -> ValueConfig:
-    return ValueConfig(algo=algo, encoder=EncoderConfig(arch="resnet18"), hidden=[64, 64],
-                       language=LanguageConfig(name="hash", dim=32), warmup_steps=1)  # fmt: skip
-
-
-def value_batch(batch: int, size: int, device: str, seed: int = 0) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    images = torch.randint(0, 256, (2, batch, size, size, 3), generator=g, dtype=torch.uint8)
-    out = {
-        "image": images[0], "next_image": images[1], "lang": torch.randn(batch, 32, generator=g),
-        "action": torch.rand(batch, 7, generator=g) * 2 - 1, "reward": -torch.ones(batch),
-        "terminal": torch.zeros(batch), "mc_return": -torch.rand(batch, generator=g) * 20,
-    }  # fmt: skip
-    return {k: v.to(device) for k, v in out.items()}
 
 
 def test_critic_q_on_cuda_matches_cpu_and_bf16_stays_close() -> None:

@@ -44,21 +44,22 @@ def batch(b: int = 4, seed: int = 0) -> dict:
 
 
 def fake_forwards(monkeypatch, backbone, table: torch.Tensor, data: dict, seen: list | None = None) -> None:
-    """`backbone` returns rows of `table` (s_t: rows :B, s_{t+1}: rows B:) for the images of its prefix;
-    `seen` records (images, instructions, grad enabled) of each prefix."""
+    """`backbone` returns rows of `table` (s_t: rows :B, s_{t+1}: rows B:) for the images of its prefix, the
+    first n + 1 token rows for n action ids; `seen` records (images, instructions, grad enabled, n) of each call."""
     B = len(data["image"])
     parts = [(data["image"], slice(0, B)), (data["next_image"], slice(B, 2 * B))]
     parts.append((torch.cat([data["image"], data["next_image"]]), slice(0, 2 * B)))
 
-    def prefix(im: torch.Tensor, ins: list) -> torch.Tensor:
-        if seen is not None:
-            seen.append((im.clone(), list(ins), torch.is_grad_enabled()))
-        return im
+    def prefix(im: torch.Tensor, ins: list) -> tuple:
+        return im, list(ins)
 
-    def action_logits(im: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    def action_logits(prefix: tuple, ids: torch.Tensor) -> torch.Tensor:
+        im, ins = prefix
+        if seen is not None:
+            seen.append((im.clone(), ins, torch.is_grad_enabled(), ids.shape[1]))
         for part, rows in parts:
             if im.shape == part.shape and torch.equal(im, part):
-                return table[rows].clone()
+                return table[rows, : ids.shape[1] + 1].clone()
         raise AssertionError("a forward over images that are neither s_t, s_{t+1} nor both")
 
     monkeypatch.setattr(backbone, "prefix", prefix)
@@ -79,9 +80,9 @@ def test_loss_wires_the_action_boundary(model: QSFTModel, monkeypatch, train_beh
     q_loss, _, metrics = model.losses(data, gamma=0.9, floor=1e-4, train_behaviour=train_behaviour)
     both = torch.cat([data["image"], data["next_image"]])
     if train_behaviour:
-        (now, _, now_grad), (after, _, after_grad) = seen["pi"]  # exactly two forwards
-        assert torch.equal(now, data["image"]) and now_grad
-        assert torch.equal(after, data["next_image"]) and not after_grad
+        (now, _, now_grad, now_n), (after, _, after_grad, after_n) = seen["pi"]  # exactly two forwards
+        assert torch.equal(now, data["image"]) and now_grad and now_n == 6
+        assert torch.equal(after, data["next_image"]) and not after_grad and after_n == 0  # the prefix alone
     else:
         assert len(seen["pi"]) == 1 and torch.equal(seen["pi"][0][0], both) and seen["pi"][0][1] == INSTRUCTIONS * 2
     assert len(seen["q"]) == len(seen["q_target"]) == 1  # one batched forward each

@@ -10,6 +10,7 @@ import torch
 from torch import distributions as D
 
 from data.augment import augment_pair
+from tests.values.helpers import LANG_DIM, small_value_config, value_batch
 from values.agent import UNIFORM_LOG_DENSITY, step_generator
 from values.calql import (
     calql_lower_bound,
@@ -157,23 +158,14 @@ def test_next_state_pass_runs_without_gradient(algo: str) -> None:
     """The network read at s and s' (Cal-QL: the actor; IQL: V) runs with a gradient over the B rows of s
     only; s' rows get a forward without one, so the backward does not run over 2B rows. Exact, because
     GroupNorm normalises each row on its own: one pass over 2B rows gives the same outputs."""
-    from values.config import LanguageConfig, ValueConfig
     from values.train import make_agent
 
     torch.manual_seed(0)
-    cfg = ValueConfig(algo=algo, encoder=EncoderConfig(arch="resnet10t"), hidden=[16, 16],
-                      language=LanguageConfig(name="hash", dim=8), warmup_steps=1)  # fmt: skip
-    agent = make_agent(cfg, 8, 0.98, seed=0, channels_last=False)
+    agent = make_agent(small_value_config(algo, "resnet10t"), LANG_DIM, 0.98, seed=0, channels_last=False)
     net = agent.actor if algo == "calql" else agent.value
     calls: list[tuple[int, bool]] = []
     net.encoder.register_forward_hook(lambda m, args, out: calls.append((len(args[0]), torch.is_grad_enabled())))
-    g = torch.Generator().manual_seed(0)
-    images = torch.randint(0, 256, (2, 4, 32, 32, 3), generator=g, dtype=torch.uint8)
-    batch = {
-        "image": images[0], "next_image": images[1], "lang": torch.randn(4, 8, generator=g),
-        "action": torch.rand(4, 7, generator=g) * 2 - 1, "reward": -torch.ones(4), "terminal": torch.zeros(4),
-        "mc_return": -torch.rand(4, generator=g) * 20,
-    }  # fmt: skip
+    batch = value_batch(4, 32)
     metrics = agent.update(batch)
     assert calls == [(4, True), (4, False)] and all(np.isfinite(v) for v in metrics.values())
     with torch.no_grad():
