@@ -10,14 +10,19 @@ config, whose backbone is the `vla` policy's architecture. Milliseconds:
 - qsft_step:       one train_qsft step: p_theta over (s, a), pi_phi and the target over (s, a) and s'
                    (2B rows; pi_phi's s' prefix without a gradient), joint SFT of pi_phi, Polyak update;
                    and its ratio to sft_step,
+- prefix:          one model's `embed_prefix` of one observation (vision encoder, projector, prompt),
 - sft_decode[K]:   `VLAModel.sample` of K actions for one observation (KV cache, 7 steps),
-- qsft_select[K]:  `QSFTModel.select` of K actions (two models decoding in lockstep); and the ratio,
-- critic[K]:       `QSFTModel.score` of K candidate actions (p_theta mode).
+- qsft_select[K]:  `QSFTModel.select` of K actions (pi_phi and p_theta decoding in lockstep); and the ratio,
+- critic_<mode>[K]: `QSFTModel.score` of K candidate actions (p_theta: one model; ratio: both).
+Each of the last three twice: fused (the default: the Llama LMs run through policies/llama_stack.py,
+both Q-SFT models as one stack) and `_hf` (transformers' forward, one model after the other).
 
 Goal (issue 6, GPU): qsft_step <= 2 x sft_step and qsft_select <= 1.5 x sft_decode. Q-SFT does
 three forwards (one of B, two of 2B rows) and two backwards of B rows where SFT does one of each
 (about 9 row-passes against 3, counting a backward as two forwards), so ~3x is the expected compute
-ratio; selection decodes two models, ~2x. Writes benchmarks/results/qsft_step.json.
+ratio; selection decodes two models, ~2x with `_hf`; fused, the two LMs cost about one in a
+launch-bound regime, and what is left is the second vision encoder (`prefix`).
+Writes benchmarks/results/qsft_step.json.
 """
 
 from __future__ import annotations
@@ -119,14 +124,19 @@ def main() -> None:
     model.eval()
     one, text = batch["image"][:1], ["pick up the red cube"]
     with torch.inference_mode(), torch.autocast(device.type, torch.bfloat16, enabled=autocast):
+        result["prefix_ms"] = timed(lambda: sft.embed_prefix(one, text), args.iters, args.warmup, sync)
         for k in args.ks:
             ids = model.tokens.encode(torch.rand(1, k, 7, device=device) * 2 - 1)
-            result[f"sft_decode_{k}_ms"] = timed(lambda k=k: sft.sample(one, text, k), args.iters, args.warmup, sync)
-            result[f"qsft_select_{k}_ms"] = timed(lambda k=k: model.select(one, text, k, 1.0), args.iters, args.warmup,
-                                                  sync)  # fmt: skip
-            result[f"select_ratio_{k}"] = result[f"qsft_select_{k}_ms"] / result[f"sft_decode_{k}_ms"]
-            result[f"critic_{k}_ms"] = timed(lambda ids=ids: model.score(one, text, ids, "p_theta"), args.iters,
-                                             args.warmup, sync)  # fmt: skip
+            for fused, tag in ((True, ""), (False, "_hf")):
+                run = lambda fn: timed(fn, args.iters, args.warmup, sync)  # noqa: E731
+                sft_ms = result[f"sft_decode{tag}_{k}_ms"] = run(lambda k=k, f=fused: sft.sample(one, text, k, fused=f))
+                sel_ms = result[f"qsft_select{tag}_{k}_ms"] = run(
+                    lambda k=k, f=fused: model.select(one, text, k, 1.0, fused=f)
+                )
+                result[f"select_ratio{tag}_{k}"] = sel_ms / sft_ms
+                for mode in ("p_theta", "ratio"):
+                    result[f"critic_{mode}{tag}_{k}_ms"] = run(lambda ids=ids, m=mode, f=fused: model.score(
+                        one, text, ids, m, fused=f))  # fmt: skip
     print(json.dumps(result, indent=1))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1) + "\n")

@@ -38,6 +38,7 @@ from policies.base import ACTION_DIM, POLICIES, Policy
 from policies.config import LMConfig, VLAModelConfig
 from policies.kv_cache import cache_kwargs, output_cache
 from policies.learned import MODELS, LearnedPolicy, load_policy_model, resolve_device
+from policies.llama_stack import cached_stack
 from policies.text import ByteTokenizer, TextTokenizer, load_text_tokenizer, make_text_tokenizer, pad_ids
 from policies.vision import VisionEncoder
 
@@ -193,7 +194,7 @@ class VLAModel(nn.Module):
     @torch.no_grad()
     def sample(
         self, images: torch.Tensor, instructions: Sequence[str], k: int, temperature: float = 1.0, top_k: int = 0,
-        generator: torch.Generator | None = None,
+        generator: torch.Generator | None = None, fused: bool = True,
     ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
         """K actions per observation: ids (N, K, 7) and their log-probabilities (N, K) under the model (T = 1).
 
@@ -201,35 +202,53 @@ class VLAModel(nn.Module):
         2. the cache and the last logits repeated K times per row (rows n*K .. n*K + K-1 = obs n);
         3. 7 steps: logits restricted to the 256 action ids -> Gumbel-max sample at `temperature`
            (0 = greedy; all K identical, so it decodes once and repeats) -> one-token forward.
+
+        `fused`: a Llama LM decodes through policies/llama_stack.py (preallocated cache, only the
+        action ids' logits), else and for other LMs through transformers' forward; same numbers.
         """
         if temperature <= 0 and k > 1:
-            ids, logp = self.sample(images, instructions, 1, 0.0, top_k, generator)
+            ids, logp = self.sample(images, instructions, 1, 0.0, top_k, generator, fused)
             return ids.expand(-1, k, -1).clone(), logp.expand(-1, k).clone()
         prefix = self.embed_prefix(images, instructions)
-        N, mask = prefix.mask.shape[0], prefix.mask
-        positions = _positions(mask)
+        stack = cached_stack(self, [self.lm], self.action_columns) if fused else None
+        if stack is not None:
+            state, scores = stack.prefill(prefix.embeds[None], prefix.mask, k, extra=ACTION_DIM - 1)
+            scores, advance = scores[0], lambda ids: stack.extend(state, ids[:, None])[0, :, -1]
+        else:
+            scores, advance = self._hf_decoding(prefix, k)
+        N = prefix.mask.shape[0]
+        chosen, logp = [], torch.zeros(N * k, device=prefix.mask.device)
+        for step in range(ACTION_DIM):  # scores: (N * K, 256) float logits of the action ids
+            index = choose(scores, temperature, top_k, generator)
+            logp += scores.log_softmax(-1).gather(1, index[:, None])[:, 0]
+            chosen.append(index)
+            if step < ACTION_DIM - 1:
+                scores = advance(self.tokens.index_to_id(index))
+        ids = self.tokens.index_to_id(torch.stack(chosen, dim=1))
+        return ids.view(N, k, ACTION_DIM), logp.view(N, k)  # (N * K, ...) -> (N, K, ...)
+
+    @property
+    def action_columns(self) -> slice:
+        """The 256 action ids as a slice of the vocabulary."""
+        return slice(self.tokens.first_id, self.tokens.first_id + NUM_ACTION_TOKENS)
+
+    def _hf_decoding(self, prefix: Prefix, k: int) -> tuple[torch.Tensor, Any]:
+        """transformers' cached forward: the first action logits (N * k, 256) and a function ids (M,) -> the next."""
+        mask, positions = prefix.mask, _positions(prefix.mask)
         out = self.lm(inputs_embeds=prefix.embeds, attention_mask=mask.long(), position_ids=positions,
                       use_cache=True, logits_to_keep=1)  # fmt: skip
         cache = output_cache(out)
         cache.batch_repeat_interleave(k)  # (N, ...) -> (N * K, ...): row n * K + j is sample j of obs n
-        logits = out.logits[:, -1].repeat_interleave(k, dim=0)
-        mask = mask.repeat_interleave(k, dim=0)
-        position = positions[:, -1:].repeat_interleave(k, dim=0)
-        chosen, logp = [], torch.zeros(N * k, device=mask.device)
-        for step in range(ACTION_DIM):
-            scores = self.tokens.action_logits(logits.float())  # (N * K, 256)
-            index = choose(scores, temperature, top_k, generator)
-            logp += scores.log_softmax(-1).gather(1, index[:, None])[:, 0]
-            chosen.append(index)
-            if step == ACTION_DIM - 1:
-                break
-            mask = F.pad(mask, (0, 1), value=True)
-            position = position + 1
-            out = self.lm(input_ids=self.tokens.index_to_id(index)[:, None], attention_mask=mask.long(),
-                          position_ids=position, **cache_kwargs(self.lm, cache), use_cache=True)  # fmt: skip
-            logits = out.logits[:, -1]
-        ids = self.tokens.index_to_id(torch.stack(chosen, dim=1))
-        return ids.view(N, k, ACTION_DIM), logp.view(N, k)  # (N * K, ...) -> (N, K, ...)
+        state = {"mask": mask.repeat_interleave(k, dim=0), "position": positions[:, -1:].repeat_interleave(k, dim=0)}
+
+        def step(ids: torch.Tensor) -> torch.Tensor:
+            state["mask"] = F.pad(state["mask"], (0, 1), value=True)
+            state["position"] = state["position"] + 1
+            out = self.lm(input_ids=ids[:, None], attention_mask=state["mask"].long(), position_ids=state["position"],
+                          **cache_kwargs(self.lm, cache), use_cache=True)  # fmt: skip
+            return self.tokens.action_logits(out.logits[:, -1].float())
+
+        return self.tokens.action_logits(out.logits[:, -1].float()).repeat_interleave(k, dim=0), step
 
 
 def choose(

@@ -98,6 +98,10 @@ class Backbone(nn.Module):
     def files(self) -> dict[str, str]:
         """Text files a checkpoint needs to rebuild this backbone."""
 
+    def stack_lm(self) -> nn.Module | None:
+        """The causal LM reading `prefix().inputs["inputs_embeds"]`, for policies/llama_stack.py; None: none."""
+        return None
+
     def gradient_checkpointing(self) -> None:
         """Recompute activations in the backward pass (transformers' activation checkpointing, non-reentrant)."""
         model, kwargs = self._model(), {"use_reentrant": False}
@@ -162,6 +166,9 @@ class VLABackbone(Backbone):
         return {"inputs_embeds": torch.cat([embeds, actions], dim=1)}
 
     def _model(self) -> nn.Module:
+        return self.net.lm
+
+    def stack_lm(self) -> nn.Module:
         return self.net.lm
 
     def files(self) -> dict[str, str]:

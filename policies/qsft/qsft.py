@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +43,8 @@ from torch.nn import functional as F
 from configs.errors import UserError
 from policies.action_tokens import NUM_ACTION_TOKENS
 from policies.base import ACTION_DIM
-from policies.qsft.backbone import Backbone, create_backbone, rebuild_backbone
+from policies.llama_stack import cached_stack
+from policies.qsft.backbone import DUMMY_COLUMNS, Backbone, create_backbone, rebuild_backbone
 from policies.vla import choose
 from values.networks import soft_update
 
@@ -277,53 +278,75 @@ class QSFTModel(nn.Module):
     def select(
         self, images: torch.Tensor, instructions: Sequence[str], k: int, beta: float, temperature: float = 1.0,
         top_k: int = 0, generator: torch.Generator | None = None, value: str = "p_theta", floor: float = 0.02,
+        fused: bool = True,
     ) -> torch.Tensor:  # fmt: skip
         """K actions per observation from pi(a|s) ∝ pi_phi exp(beta v), token by token: ids (N, K, 7).
 
         v = p_theta, or p_theta / pi_phi over tokens above `floor` (`selection_logits`).
 
         Both models prefill their prefix once with the KV cache, repeat it K times, and decode the 7
-        tokens in lockstep (one one-token forward of each per step); temperature 0 = greedy.
+        tokens in lockstep; temperature 0 = greedy. `fused` (`_decoding`): both in one batched forward per step.
         """
         if temperature <= 0 and k > 1:
-            one = self.select(images, instructions, 1, beta, 0.0, top_k, generator, value, floor)
+            one = self.select(images, instructions, 1, beta, 0.0, top_k, generator, value, floor, fused)
             return one.expand(-1, k, -1).clone()
-        decs = [m.prefill(m.prefix(images, instructions), k) for m in (self.pi, self.q)]
+        logits, extend = self._decoding((self.pi, self.q), images, instructions, k, fused)
         chosen = []
         for step in range(ACTION_DIM):
-            q_probs = log_q(decs[1].logits, self.labels).exp()
-            scores = selection_logits(decs[0].logits[:, 1:], q_probs, beta, value, floor)
+            scores = selection_logits(logits[0, :, 1:], log_q(logits[1], self.labels).exp(), beta, value, floor)
             index = choose(scores, temperature, top_k, generator)
             chosen.append(index)
             if step < ACTION_DIM - 1:
-                for model, dec in zip((self.pi, self.q), decs, strict=True):
-                    model.extend(dec, self.tokens.index_to_id(index)[:, None])
+                logits = extend(self.tokens.index_to_id(index)[:, None])[:, :, -1]
         ids = self.tokens.index_to_id(torch.stack(chosen, dim=1))
         return ids.view(-1, k, ACTION_DIM)  # (N * K, 7) -> (N, K, 7)
 
     @torch.no_grad()
-    def score(self, images: torch.Tensor, instructions: Sequence[str], ids: torch.Tensor, mode: str) -> torch.Tensor:
+    def score(
+        self, images: torch.Tensor, instructions: Sequence[str], ids: torch.Tensor, mode: str, fused: bool = True
+    ) -> torch.Tensor:
         """Q(s, a) of K candidate actions per observation: ids (N, K, 7) -> (N, K).
 
         gamma = 1 inside an action makes the last token's value the whole action's: p_theta(a_7 |
         s, a_<7) (`p_theta`, the conservative estimate of Theorem 4.1) or that over pi_phi(a_7 | s, a_<7)
         (`ratio`, the estimate the backup uses). Each prefix is encoded once, the N * K actions in one
-        batched cached forward per model.
+        batched cached forward (per model, or of both models at once when `fused`).
         """
         if mode not in CRITIC_MODES:
             raise UserError(f"Q-SFT critic mode {mode!r}; use one of {', '.join(CRITIC_MODES)}.")
         N, K, _ = ids.shape
         flat = ids.reshape(N * K, ACTION_DIM)  # row n * K + j = candidate j of observation n
         last = self.tokens.id_to_index(flat[:, -1:])
-
-        def last_prob(model: Backbone, labels: str) -> torch.Tensor:
-            logits = model.extend(model.prefill(model.prefix(images, instructions), K), flat[:, :-1])[:, -1]
-            return log_q(logits, labels).exp().gather(-1, last)[:, 0]
-
-        q = last_prob(self.q, self.labels)
+        models = (self.q, self.pi) if mode == "ratio" else (self.q,)
+        _, extend = self._decoding(models, images, instructions, K, fused)
+        logits = extend(flat[:, :-1])[:, :, -1]  # (G, N * K, 257): the distribution of the last token
+        q = log_q(logits[0], self.labels).exp().gather(-1, last)[:, 0]
         if mode == "ratio":
-            q = q / last_prob(self.pi, "uniform")  # pi_phi: the softmax over the action tokens
+            q = q / log_q(logits[1], "uniform").exp().gather(-1, last)[:, 0]  # pi_phi: the softmax over the actions
         return q.view(N, K)
+
+    def _decoding(
+        self, models: Sequence[Backbone], images: torch.Tensor, instructions: Sequence[str], k: int, fused: bool
+    ) -> tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]:
+        """Prefill G models over N prefixes, each row k times -> the next logits (G, N * k, 257) and extend.
+
+        extend(ids (N * k, n)) appends tokens to every model and returns (G, N * k, n, 257). `fused`
+        and Llama VLA backbones of one shape: the G models run as one stack (policies/llama_stack.py),
+        each step one batched forward; otherwise each model runs transformers' forward in turn.
+        """
+        prefixes = [m.prefix(images, instructions) for m in models]
+        lms = [m.stack_lm() for m in models]
+        stack = None
+        if fused and None not in lms and all(torch.equal(p.mask, prefixes[0].mask) for p in prefixes):
+            first = self.tokens.first_id - DUMMY_COLUMNS
+            stack = cached_stack(self, lms, slice(first, self.tokens.vocab_size))
+        if stack is not None:
+            embeds = torch.stack([p.inputs["inputs_embeds"] for p in prefixes])
+            state, logits = stack.prefill(embeds, prefixes[0].mask, k, extra=ACTION_DIM - 1)
+            return logits, lambda ids: stack.extend(state, ids)
+        decs = [m.prefill(p, k) for m, p in zip(models, prefixes, strict=True)]
+        extend = lambda ids: torch.stack([m.extend(d, ids) for m, d in zip(models, decs, strict=True)])  # noqa: E731
+        return torch.stack([d.logits for d in decs]), extend
 
     @torch.no_grad()
     def evaluate(

@@ -74,17 +74,30 @@ def test_samples_stay_in_action_ids_and_have_k_rows_per_observation(model: VLAMo
     assert torch.isfinite(logp).all() and (logp < 0).all()
 
 
-def test_sample_log_prob_equals_the_batched_action_logits(model: VLAModel) -> None:
+@pytest.mark.parametrize("fused", [True, False])
+def test_sample_log_prob_equals_the_batched_action_logits(model: VLAModel, fused: bool) -> None:
     """What Q-SFT reuses: one pass over (prefix, 7 tokens) gives the sampler's per-token distributions."""
     g = torch.Generator().manual_seed(1)
     imgs = images(2, seed=3)
-    ids, logp = model.sample(imgs, INSTRUCTIONS[1:], 4, temperature=1.0, generator=g)
+    ids, logp = model.sample(imgs, INSTRUCTIONS[1:], 4, temperature=1.0, generator=g, fused=fused)
     prefix = model.embed_prefix(imgs.repeat_interleave(4, 0), [t for t in INSTRUCTIONS[1:] for _ in range(4)])
     flat = ids.view(8, 7)
     logits = model.action_logits(prefix, flat)  # (8, 8, 256): rows 0..6 predict the 7 tokens
     assert logits.shape == (8, 8, 256)
     ref = logits[:, :7].log_softmax(-1).gather(2, model.tokens.id_to_index(flat)[..., None])[..., 0].sum(-1)
     torch.testing.assert_close(logp.view(8), ref, rtol=1e-4, atol=1e-4)
+
+
+def test_fused_decoding_draws_what_transformers_decoding_draws(model: VLAModel, monkeypatch) -> None:
+    """policies/llama_stack.py is the default decoder: the same samples and log-probs as transformers' cached
+    forward, for one generator seed, and transformers' forward is not called."""
+    imgs, texts = images(3, seed=11), INSTRUCTIONS
+    ref_ids, ref_logp = model.sample(imgs, texts, 5, temperature=1.0, generator=torch.Generator().manual_seed(4),
+                                     fused=False)  # fmt: skip
+    monkeypatch.setattr(model.lm, "forward", lambda *a, **k: pytest.fail("transformers' forward was called"))
+    ids, logp = model.sample(imgs, texts, 5, temperature=1.0, generator=torch.Generator().manual_seed(4))
+    assert torch.equal(ids, ref_ids)
+    torch.testing.assert_close(logp, ref_logp, rtol=1e-5, atol=1e-5)
 
 
 def test_a_row_does_not_depend_on_the_rest_of_the_batch(model: VLAModel) -> None:

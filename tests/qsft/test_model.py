@@ -211,6 +211,28 @@ def test_sampled_selection_stays_in_the_action_vocabulary(model: QSFTModel) -> N
     assert len({tuple(a.tolist()) for a in ids[0]}) > 1
 
 
+@pytest.mark.parametrize("value", ["p_theta", "ratio"])
+@torch.no_grad()
+def test_fused_selection_and_critic_equal_the_two_models_in_turn(model: QSFTModel, value: str, monkeypatch) -> None:
+    """pi_phi and p_theta decoded as one stack (policies/llama_stack.py): the same samples for one seed and
+    the same critic scores as each model through transformers' forward, which the fused path never calls."""
+    ims, texts = images(2, 8), ["go", "pick up the red cube"]
+    ids = model.tokens.encode(torch.rand(2, 4, 7, generator=torch.Generator().manual_seed(0)) * 2 - 1)
+
+    def run(fused: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        chosen = model.select(ims, texts, 6, 2.0, generator=torch.Generator().manual_seed(3), value=value,
+                              floor=0.01, fused=fused)  # fmt: skip
+        return chosen, model.score(ims, texts, ids, value, fused=fused)
+
+    ref_ids, ref_scores = run(False)
+    with monkeypatch.context() as patch:
+        for backbone in (model.pi, model.q):
+            patch.setattr(backbone.net.lm, "forward", lambda *a, **k: pytest.fail("transformers' forward was called"))
+        chosen, scores = run(True)
+    assert torch.equal(chosen, ref_ids)
+    torch.testing.assert_close(scores, ref_scores, rtol=1e-4, atol=1e-6)
+
+
 @pytest.mark.parametrize("mode", ["p_theta", "ratio"])
 @torch.no_grad()
 def test_critic_batch_equals_one_action_at_a_time(model: QSFTModel, mode: str) -> None:
