@@ -15,8 +15,9 @@ costs about what one model's does. With G = 1 the same code is the VLA's own fas
   tensors. Prompts padded inside the sequence work as in policies/vla.py: padded keys are masked and
   positions come from the caller. Tests compare the logits with transformers' forward.
 - Only the logits of `columns` are computed (the action ids, and Q-SFT's dummy id before them).
-- The stacked weights are a copy of the G models' LM weights, made on first use and again whenever a
-  parameter changes (each tensor's version counter), so an optimiser step or a load is seen.
+- For G > 1 the stacked weights are a copy of the G models' LM weights (the extra memory of one
+  model per model), made on first use and again whenever a parameter changes (each tensor's
+  version counter), so an optimiser step or a load is seen. For G = 1 they are views: no copy.
 - `LlamaStack.unsupported(lms)` names why a set of models cannot be stacked (not Llama, different
   shapes, biases, dropout while training); callers then decode each model with transformers.
 """
@@ -102,22 +103,34 @@ class LlamaStack:
         return self._weights
 
     @torch.no_grad()
-    def _stack(self) -> dict[str, list[torch.Tensor]]:
+    def _stack(self) -> dict[str, list]:
+        """G > 1: (G, in, out) copies, q/k/v and gate/up fused. G = 1: views of the model's own weights, no copy."""
+        one = len(self.lms) == 1
+
         def stacked(tensors: list[torch.Tensor], transpose: bool = True) -> torch.Tensor:
+            if one:
+                return tensors[0].T[None] if transpose else tensors[0][None, None, None]
             out = torch.stack(tensors)
             return out.transpose(-1, -2).contiguous() if transpose else out[:, None, None].contiguous()
 
-        w: dict[str, list[torch.Tensor]] = {k: [] for k in ("qkv", "o", "gate_up", "down", "norm1", "norm2")}
+        def fused(parts: list[list[torch.Tensor]]) -> list[torch.Tensor]:
+            """Projections whose outputs are concatenated: one fused weight, or G = 1 one view each."""
+            if one:
+                return [stacked(p) for p in parts]
+            return [stacked([torch.cat(ws) for ws in zip(*parts, strict=True)])]
+
+        w: dict[str, list] = {k: [] for k in ("qkv", "o", "gate_up", "down", "norm1", "norm2")}
         for layers in zip(*(lm.model.layers for lm in self.lms), strict=True):
             attn, mlp = [layer.self_attn for layer in layers], [layer.mlp for layer in layers]
-            w["qkv"].append(stacked([torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]) for a in attn]))
+            w["qkv"].append(fused([[getattr(a, n).weight for a in attn] for n in ("q_proj", "k_proj", "v_proj")]))
             w["o"].append(stacked([a.o_proj.weight for a in attn]))
-            w["gate_up"].append(stacked([torch.cat([m.gate_proj.weight, m.up_proj.weight]) for m in mlp]))
+            w["gate_up"].append(fused([[getattr(m, n).weight for m in mlp] for n in ("gate_proj", "up_proj")]))
             w["down"].append(stacked([m.down_proj.weight for m in mlp]))
             w["norm1"].append(stacked([layer.input_layernorm.weight for layer in layers], False))
             w["norm2"].append(stacked([layer.post_attention_layernorm.weight for layer in layers], False))
         w["final_norm"] = [stacked([lm.model.norm.weight for lm in self.lms], False)]
-        w["embed"] = [torch.stack([lm.get_input_embeddings().weight for lm in self.lms])]  # (G, V, H)
+        embed = [lm.get_input_embeddings().weight for lm in self.lms]
+        w["embed"] = [embed[0][None] if one else torch.stack(embed)]  # (G, V, H)
         w["head"] = [stacked([lm.get_output_embeddings().weight[self.columns] for lm in self.lms])]  # (G, H, C)
         return w
 
@@ -181,7 +194,7 @@ class LlamaStack:
         """
         G, B, T, _ = x.shape
         h, kvh, d = self.heads, self.kv_heads, self.head_dim
-        qkv = _bmm(self._norm(x, w["norm1"][i]), w["qkv"][i]).view(G, B, T, h + 2 * kvh, d)
+        qkv = _project(self._norm(x, w["norm1"][i]), w["qkv"][i]).view(G, B, T, h + 2 * kvh, d)
         q, key, value = qkv.split([h, kvh, kvh], dim=3)
         q, key = _rope(q, cos_sin), _rope(key, cos_sin)
         key, value = key.transpose(2, 3), value.transpose(2, 3)  # (G, B, kvh, T, d)
@@ -200,7 +213,7 @@ class LlamaStack:
                                              scale=d**-0.5)  # fmt: skip
         out = out.view(G, B, h, T, d).transpose(2, 3).reshape(G, B, T, h * d)
         x = x + _bmm(out, w["o"][i])
-        gate, up = _bmm(self._norm(x, w["norm2"][i]), w["gate_up"][i]).chunk(2, dim=-1)
+        gate, up = _project(self._norm(x, w["norm2"][i]), w["gate_up"][i]).chunk(2, dim=-1)
         return x + _bmm(self.act(gate) * up, w["down"][i])
 
     def _head(self, x: torch.Tensor, w: dict) -> torch.Tensor:
@@ -220,7 +233,7 @@ class LlamaStack:
         """The dtype the keys come out in: the autocast dtype when autocast is on, else the weights'."""
         if torch.is_autocast_enabled(x.device.type):
             return torch.get_autocast_dtype(x.device.type)
-        return torch.promote_types(x.dtype, w["qkv"][0].dtype)
+        return torch.promote_types(x.dtype, w["o"][0].dtype)
 
 
 def _dropout(lms: Sequence[nn.Module]) -> bool:
@@ -233,6 +246,12 @@ def _bmm(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     if not torch.is_autocast_enabled(x.device.type):  # under autocast bmm casts both operands itself
         weight = weight.to(x.dtype)
     return torch.bmm(x.reshape(x.shape[0], -1, x.shape[-1]), weight).view(*x.shape[:-1], weight.shape[-1])
+
+
+def _project(x: torch.Tensor, weights: list[torch.Tensor]) -> torch.Tensor:
+    """x times each weight, outputs concatenated along the last axis (one weight: a single bmm)."""
+    outs = [_bmm(x, weight) for weight in weights]
+    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
 
 
 def _rope(x: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:

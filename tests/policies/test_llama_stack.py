@@ -43,23 +43,27 @@ def reference(lm: torch.nn.Module, embeds: torch.Tensor, mask: torch.Tensor, ids
     return out[:, -ids.shape[1] - 1 :, COLUMNS]
 
 
+@pytest.mark.parametrize("g", [1, 2])
 @torch.no_grad()
-def test_stack_equals_each_model_through_prefill_repeat_and_extend() -> None:
-    lms = [llama(0), llama(1)]
+def test_stack_equals_each_model_through_prefill_repeat_and_extend(g: int) -> None:
+    lms = [llama(i) for i in range(g)]
     stack = LlamaStack(lms, COLUMNS)
-    embeds, mask = prefixes(2)
+    embeds, mask = prefixes(g)
     k = 3
     state, first = stack.prefill(embeds, mask, k, extra=4)
-    ids = torch.randint(0, 40, (2, 2 * k, 3), generator=torch.Generator().manual_seed(2))
+    ids = torch.randint(0, 40, (g, 2 * k, 3), generator=torch.Generator().manual_seed(2))
     one = stack.extend(state, ids[:, :, :1])  # a decode step
     two = stack.extend(state, ids[:, :, 1:])  # two tokens at once
-    assert first.shape == (2, 2 * k, 20) and one.shape == (2, 2 * k, 1, 20) and two.shape == (2, 2 * k, 2, 20)
-    for g, lm in enumerate(lms):
-        ref = reference(lm, embeds[g].repeat_interleave(k, 0), mask.repeat_interleave(k, 0), ids[g])
-        torch.testing.assert_close(first[g], ref[:, 0], rtol=0, atol=2e-5)
-        torch.testing.assert_close(one[g, :, 0], ref[:, 1], rtol=0, atol=2e-5)
-        torch.testing.assert_close(two[g], ref[:, 2:], rtol=0, atol=2e-5)
-    assert not torch.allclose(first[0], first[1], atol=1e-2)  # two different models, not one twice
+    assert first.shape == (g, 2 * k, 20) and one.shape == (g, 2 * k, 1, 20) and two.shape == (g, 2 * k, 2, 20)
+    for m, lm in enumerate(lms):
+        ref = reference(lm, embeds[m].repeat_interleave(k, 0), mask.repeat_interleave(k, 0), ids[m])
+        torch.testing.assert_close(first[m], ref[:, 0], rtol=0, atol=2e-5)
+        torch.testing.assert_close(one[m, :, 0], ref[:, 1], rtol=0, atol=2e-5)
+        torch.testing.assert_close(two[m], ref[:, 2:], rtol=0, atol=2e-5)
+    if g == 2:
+        assert not torch.allclose(first[0], first[1], atol=1e-2)  # two different models, not one twice
+    else:  # one model: its own weights, not a copy
+        assert stack.weights()["o"][0].data_ptr() == lms[0].model.layers[0].self_attn.o_proj.weight.data_ptr()
     with pytest.raises(ValueError, match="cache holds 10 tokens"):
         stack.extend(state, ids[:, :, :2])
 
