@@ -132,6 +132,8 @@ class VLAPolicyConfig(LearnedPolicyConfig):
     temperature: float = 1.0
     # Sample among the top_k action tokens only (0 = all 256; transformers' generate uses 50).
     top_k: int = 0
+    # Decode a Llama LM with policies/llama_stack.py (same numbers, less overhead); false: transformers' forward.
+    fused: bool = True
 
 
 @dataclass

@@ -291,10 +291,10 @@ class VLAPolicy(LearnedPolicy):
 
     def __init__(self, loaded: Any, cfg: Any, device: torch.device) -> None:
         super().__init__(loaded, cfg, device)
-        self.temperature, self.top_k = float(cfg.temperature), int(cfg.top_k)
+        self.temperature, self.top_k, self.fused = float(cfg.temperature), int(cfg.top_k), bool(cfg.fused)
 
     def _sample(self, images: torch.Tensor, instructions: list[str], k: int) -> torch.Tensor:
-        ids, _ = self.model.sample(images, instructions, k, self.temperature, self.top_k, self.generator)
+        ids, _ = self.model.sample(images, instructions, k, self.temperature, self.top_k, self.generator, self.fused)
         return self.model.tokens.decode(ids)[:, :, None]  # (N, K, 7) -> (N, K, chunk=1, 7)
 
 

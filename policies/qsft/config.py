@@ -65,6 +65,9 @@ class QSFTPolicyConfig(LearnedPolicyConfig):
     # estimate; with labels=dummy p_theta ≈ pi_beta Q), over tokens with pi_phi > select_floor.
     select_value: str = "p_theta"
     select_floor: float = 0.02
+    # Decode pi_phi and p_theta as one stack, one batched forward per token (policies/llama_stack.py;
+    # Llama VLA backbones; same numbers); false: each model through transformers' forward in turn.
+    fused: bool = True
 
 
 @dataclass

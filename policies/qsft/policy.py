@@ -57,7 +57,7 @@ class QSFTPolicy(LearnedPolicy):
     def __init__(self, loaded: LoadedModel, cfg: Any, device: torch.device) -> None:
         super().__init__(loaded, cfg, device)
         self.beta, self.temperature, self.top_k = float(cfg.beta), float(cfg.temperature), int(cfg.top_k)
-        self.value, self.floor = str(cfg.select_value), float(cfg.select_floor)
+        self.value, self.floor, self.fused = str(cfg.select_value), float(cfg.select_floor), bool(cfg.fused)
         if self.value not in CRITIC_MODES:
             raise UserError(f"policy.select_value={self.value!r}; use one of {', '.join(CRITIC_MODES)}.")
         if not 0 < self.floor < 1:
@@ -65,7 +65,7 @@ class QSFTPolicy(LearnedPolicy):
 
     def _sample(self, images: torch.Tensor, instructions: list[str], k: int) -> torch.Tensor:
         ids = self.model.select(images, instructions, k, self.beta, self.temperature, self.top_k, self.generator,
-                                self.value, self.floor)  # fmt: skip
+                                self.value, self.floor, self.fused)  # fmt: skip
         return self.model.tokens.decode(ids)[:, :, None]  # (N, K, 7) -> (N, K, chunk=1, 7)
 
 

@@ -208,13 +208,15 @@ def test_pretrained_language_model_puts_actions_on_its_tokenizers_last_ids(tmp_p
     assert torch.equal(loaded.sample(images(2), ["reach forward", "go"], 1, temperature=0.0)[0], greedy)
 
 
-def test_policy_returns_unnormalised_bin_centres(tmp_path: Path) -> None:
+@pytest.mark.parametrize("fused", [True, False])
+def test_policy_returns_unnormalised_bin_centres(tmp_path: Path, fused: bool) -> None:
     from data.normalize import ActionNormalizer
     from policies.base import make_policy
     from policies.vision import stack_images
     from tests.policies.conftest import contract_config, fake_stats, observation
 
     cfg = contract_config("vla", tmp_path)
+    cfg.fused = fused  # policy.fused=false: transformers' forward, the same draws
     policy = make_policy(cfg)
     obs = [observation(0), observation(1, "go")]
     actions = policy.sample_actions_batch(obs, 4)
