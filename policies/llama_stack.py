@@ -152,10 +152,10 @@ class LlamaStack:
         dtype = self._dtype(embeds, w)
         keys = embeds.new_empty((layers, G, N * k, self.kv_heads, P + extra, self.head_dim), dtype=dtype)
         values = torch.empty_like(keys)
-        cos_sin = self._rotary(embeds, position)
+        cos_sin, mask4 = self._rotary(embeds, position), _expand_mask(allowed, G)
         hidden = embeds
         for i in range(layers):
-            hidden = self._layer(hidden, w, i, cos_sin, allowed, None, keys, values, 0, k)
+            hidden = self._layer(hidden, w, i, cos_sin, mask4, keys, values, 0, k, read_cache=False)
         logits = self._head(hidden[:, :, -1:], w)[:, :, 0]  # (G, N, C)
         state = StackState(keys, values, F.pad(mask, (0, extra), value=False).repeat_interleave(k, 0),
                            position[:, -1:].repeat_interleave(k, 0), P, w)  # fmt: skip
@@ -176,41 +176,39 @@ class LlamaStack:
         state.mask[:, start : start + n] = True
         causal = torch.ones(n, start + n, dtype=torch.bool, device=ids.device).tril(start)
         allowed = causal & state.mask[:, None, : start + n]  # (M, n, start + n)
-        cos_sin = self._rotary(embeds, position)
+        cos_sin, mask4 = self._rotary(embeds, position), _expand_mask(allowed, G)
         hidden = embeds
         for i in range(len(w["qkv"])):
-            hidden = self._layer(hidden, w, i, cos_sin, allowed, start, state.keys, state.values, start, 1)
+            hidden = self._layer(hidden, w, i, cos_sin, mask4, state.keys, state.values, start)
         state.position, state.length = position[:, -1:], start + n
         return self._head(hidden, w)
 
     def _layer(
-        self, x: torch.Tensor, w: dict, i: int, cos_sin: tuple[torch.Tensor, torch.Tensor], allowed: torch.Tensor,
-        past: int | None, keys: torch.Tensor, values: torch.Tensor, start: int, k: int,
+        self, x: torch.Tensor, w: dict, i: int, cos_sin: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor,
+        keys: torch.Tensor, values: torch.Tensor, start: int, k: int = 1, read_cache: bool = True,
     ) -> torch.Tensor:  # fmt: skip
-        """One decoder layer on x (G, B, T, H); writes this layer's keys / values at [start, start + T) of the cache.
+        """One decoder layer on x (G, B, T, H); writes its keys / values at [start, start + T) of the cache.
 
-        past=None: a prefill, whose keys are written k times (rows b * k .. b * k + k - 1) and whose
-        queries read only the new tokens; else the queries read the cache up to start + T.
+        mask (G * B, 1, T, L): which keys each query reads. read_cache=False (a prefill): the keys
+        are written k times (rows b * k .. b * k + k - 1) and the queries read only the new tokens;
+        else they read the cache up to start + T.
         """
         G, B, T, _ = x.shape
         h, kvh, d = self.heads, self.kv_heads, self.head_dim
         qkv = _project(self._norm(x, w["norm1"][i]), w["qkv"][i]).view(G, B, T, h + 2 * kvh, d)
         q, key, value = qkv.split([h, kvh, kvh], dim=3)
-        q, key = _rope(q, cos_sin), _rope(key, cos_sin)
-        key, value = key.transpose(2, 3), value.transpose(2, 3)  # (G, B, kvh, T, d)
+        # attention in the cache's dtype: under autocast SDPA would cast to it anyway
+        q, key = _rope(q, cos_sin).to(keys.dtype), _rope(key, cos_sin).to(keys.dtype)
+        key, value = key.transpose(2, 3), value.transpose(2, 3).to(keys.dtype)  # (G, B, kvh, T, d)
         keys[i, :, :, :, start : start + T] = key.repeat_interleave(k, 1) if k > 1 else key
         values[i, :, :, :, start : start + T] = value.repeat_interleave(k, 1) if k > 1 else value
-        if past is not None:
+        if read_cache:
             key, value = keys[i, :, :, :, : start + T], values[i, :, :, :, : start + T]
         L = key.shape[-2]
         q = q.transpose(2, 3).reshape(G * B, h, T, d)
-        key, value = (
-            _repeat_heads(key.reshape(G * B, kvh, L, d), h // kvh),
-            _repeat_heads(value.reshape(G * B, kvh, L, d), h // kvh),
-        )
-        mask = allowed[None, :, None].expand(G, B, 1, T, L).reshape(G * B, 1, T, L)
-        out = F.scaled_dot_product_attention(q, key.to(q.dtype), value.to(q.dtype), attn_mask=mask,
-                                             scale=d**-0.5)  # fmt: skip
+        key = _repeat_heads(key.reshape(G * B, kvh, L, d), h // kvh)
+        value = _repeat_heads(value.reshape(G * B, kvh, L, d), h // kvh)
+        out = F.scaled_dot_product_attention(q, key, value, attn_mask=mask, scale=d**-0.5)
         out = out.view(G, B, h, T, d).transpose(2, 3).reshape(G, B, T, h * d)
         x = x + _bmm(out, w["o"][i])
         gate, up = _project(self._norm(x, w["norm2"][i]), w["gate_up"][i]).chunk(2, dim=-1)
@@ -246,6 +244,12 @@ def _bmm(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     if not torch.is_autocast_enabled(x.device.type):  # under autocast bmm casts both operands itself
         weight = weight.to(x.dtype)
     return torch.bmm(x.reshape(x.shape[0], -1, x.shape[-1]), weight).view(*x.shape[:-1], weight.shape[-1])
+
+
+def _expand_mask(allowed: torch.Tensor, g: int) -> torch.Tensor:
+    """(B, T, L) bool -> SDPA's (g * B, 1, T, L): the same mask for each of the g models."""
+    B, T, L = allowed.shape
+    return allowed[None, :, None].expand(g, B, 1, T, L).reshape(g * B, 1, T, L)
 
 
 def _project(x: torch.Tensor, weights: list[torch.Tensor]) -> torch.Tensor:
