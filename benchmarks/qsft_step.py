@@ -11,6 +11,8 @@ config, whose backbone is the `vla` policy's architecture. Milliseconds:
                    (2B rows; pi_phi's s' prefix without a gradient), joint SFT of pi_phi, Polyak update;
                    and its ratio to sft_step,
 - prefix:          one model's `embed_prefix` of one observation (vision encoder, projector, prompt),
+- lm_decode[K] / lm_decode_pair[K]: the language-model part of decoding alone (prefill of a given
+                   prefix, K rows, 6 one-token steps) for one model / both Q-SFT models as one stack,
 - sft_decode[K]:   `VLAModel.sample` of K actions for one observation (KV cache, 7 steps),
 - qsft_select[K]:  `QSFTModel.select` of K actions (pi_phi and p_theta decoding in lockstep); and the ratio,
 - critic_<mode>[K]: `QSFTModel.score` of K candidate actions (p_theta: one model; ratio: both).
@@ -79,6 +81,7 @@ def main() -> None:
     from configs import CONFIG_DIR
     from configs.schema import register
     from policies.learned import resolve_device
+    from policies.llama_stack import LlamaStack
     from policies.qsft.qsft import QSFTModel
 
     device = resolve_device(args.device)
@@ -125,8 +128,21 @@ def main() -> None:
     one, text = batch["image"][:1], ["pick up the red cube"]
     with torch.inference_mode(), torch.autocast(device.type, torch.bfloat16, enabled=autocast):
         result["prefix_ms"] = timed(lambda: sft.embed_prefix(one, text), args.iters, args.warmup, sync)
+        prefix = sft.embed_prefix(one, text)
+        columns = slice(model.tokens.first_id - 1, model.tokens.vocab_size)
+        stacks = {"": LlamaStack([sft.lm], columns), "_pair": LlamaStack([model.pi.net.lm, model.q.net.lm], columns)}
+        token = model.tokens.index_to_id(torch.zeros(1, 1, dtype=torch.long, device=device))
         for k in args.ks:
             ids = model.tokens.encode(torch.rand(1, k, 7, device=device) * 2 - 1)
+            for tag, stack in stacks.items():  # the LM part alone: prefill + 6 one-token steps, 1 or 2 models
+
+                def lm_decode(stack: LlamaStack = stack, k: int = k) -> None:
+                    embeds = prefix.embeds[None].expand(len(stack.lms), -1, -1, -1)
+                    state, _ = stack.prefill(embeds, prefix.mask, k, extra=6)
+                    for _ in range(6):
+                        stack.extend(state, token.expand(k, 1))
+
+                result[f"lm_decode{tag}_{k}_ms"] = timed(lm_decode, args.iters, args.warmup, sync)
             for fused, tag in ((True, ""), (False, "_hf")):
                 run = lambda fn: timed(fn, args.iters, args.warmup, sync)  # noqa: E731
                 sft_ms = result[f"sft_decode{tag}_{k}_ms"] = run(lambda k=k, f=fused: sft.sample(one, text, k, fused=f))

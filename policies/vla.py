@@ -16,7 +16,8 @@ cumulative mask, so padding changes nothing and every row's action tokens sit at
 
 `action_logits(prefix, action_ids)` gives the action-token logits of a whole (prefix, actions) batch
 in one pass: what SFT trains and what Q-SFT reuses. `sample` draws K actions per observation with
-one prefix forward, the KV cache expanded K times and 7 decode steps (module `sample` docstring).
+one prefix forward, the KV cache expanded K times and 7 decode steps (module `sample` docstring),
+a Llama LM through policies/llama_stack.py (`policy.fused`, default true; same numbers).
 """
 
 from __future__ import annotations
