@@ -19,7 +19,8 @@ costs about what one model's does. With G = 1 the same code is the VLA's own fas
   model per model), made on first use and again whenever a parameter changes (each tensor's
   version counter), so an optimiser step or a load is seen. For G = 1 they are views: no copy.
 - `LlamaStack.unsupported(lms)` names why a set of models cannot be stacked (not Llama, different
-  shapes, biases, dropout while training); callers then decode each model with transformers.
+  shapes, biases, adapters or quantised layers, dropout while training); callers then decode each
+  model with transformers.
 """
 
 from __future__ import annotations
@@ -81,6 +82,12 @@ class LlamaStack:
         shapes = {tuple((n, tuple(p.shape), p.dtype, p.device) for n, p in lm.named_parameters()) for lm in lms}
         if len(shapes) > 1:
             return "the models differ in parameter names, shapes, dtypes or devices"
+        for lm in lms:
+            for layer in lm.model.layers:
+                attn, mlp = layer.self_attn, layer.mlp
+                linears = [attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj]
+                if any(type(m) is not nn.Linear for m in [*linears, mlp.down_proj, lm.get_output_embeddings()]):
+                    return "layers that are not plain nn.Linear (LoRA adapters not merged, quantised weights)"
         c = configs[0]
         if getattr(c, "attention_bias", False) or getattr(c, "mlp_bias", False):
             return "attention or MLP biases"

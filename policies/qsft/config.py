@@ -32,6 +32,24 @@ class HFVLMConfig:
 
 
 @dataclass
+class LoRAConfig:
+    """Low-rank adapters instead of full fine-tuning (policies/qsft/lora.py; needs peft)."""
+
+    # Rank of the adapters; 0 = off (every weight of pi_phi and p_theta trains).
+    rank: int = 0
+    # peft's lora_alpha: the adapter's output is scaled by alpha / rank.
+    alpha: float = 16.0
+    dropout: float = 0.0
+    # Linear layers whose names end in one of these get adapters: the attention and MLP projections of
+    # Llama / Gemma / Qwen / SmolVLM (text and vision towers); peft's names (e.g. out_proj, fc1) work too.
+    target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
+    # Modules trained fully alongside the adapters, by name (e.g. projector for the VLA, a VLM's connector).
+    train_modules: list[str] = field(default_factory=list)
+
+
+@dataclass
 class QSFTModelConfig:
     """The backbone of pi_phi, p_theta and the target: the project's VLA or a Hugging Face VLM."""
 
@@ -47,6 +65,8 @@ class QSFTModelConfig:
     # first action id - 1), the paper's dummy-action form, whose optimum p_theta(a|s) = pi_beta(a|s) Q(s, a)
     # makes p_theta / pi_phi unbiased (docs/qsft.md: with 256 actions the uniform form biases it up).
     labels: str = "uniform"
+    # Adapters instead of full fine-tuning (rank 0 = off).
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
 
 
 @dataclass

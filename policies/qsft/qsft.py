@@ -45,8 +45,8 @@ from policies.action_tokens import NUM_ACTION_TOKENS
 from policies.base import ACTION_DIM
 from policies.llama_stack import cached_stack
 from policies.qsft.backbone import DUMMY_COLUMNS, Backbone, create_backbone, rebuild_backbone
+from policies.qsft.lora import add_lora, lora_enabled
 from policies.vla import choose
-from values.networks import soft_update
 
 CRITIC_MODES = ("p_theta", "ratio")
 LABELS = ("uniform", "dummy")
@@ -174,11 +174,19 @@ class QSFTModel(nn.Module):
 
     @classmethod
     def create(cls, cfg: Any, image_size: int) -> QSFTModel:
-        return cls(create_backbone(cfg, image_size), labels=cfg.labels)
+        backbone = create_backbone(cfg, image_size)
+        if lora_enabled(cfg):
+            add_lora(backbone, cfg.lora)  # before the copies: all three carry the same (zero) adapters
+        return cls(backbone, labels=cfg.labels)
 
     @classmethod
     def rebuild(cls, cfg: Any, image_size: int, path: Path) -> QSFTModel:
-        return cls(*(rebuild_backbone(cfg, image_size, path) for _ in range(3)), labels=cfg.labels)
+        """The architecture of a checkpoint, adapters included (the caller loads the weights)."""
+        backbones = [rebuild_backbone(cfg, image_size, path) for _ in range(3)]
+        if lora_enabled(cfg):
+            for backbone in backbones:
+                add_lora(backbone, cfg.lora)
+        return cls(*backbones, labels=cfg.labels)
 
     def files(self) -> dict[str, str]:
         return self.pi.files()
@@ -269,8 +277,13 @@ class QSFTModel(nn.Module):
         return q_loss, bc_loss, metrics
 
     def update_target(self, rate: float) -> None:
-        """Polyak step of p_thetabar toward p_theta."""
-        soft_update(self.q_target, self.q, rate)
+        """Polyak step of p_thetabar toward p_theta over p_theta's trained parameters (frozen ones stay equal)."""
+        pairs = zip(self.q_target.parameters(), self.q.parameters(), strict=True)
+        pairs = [(t, s) for t, s in pairs if s.requires_grad]
+        if pairs:
+            torch._foreach_lerp_([t for t, _ in pairs], [s for _, s in pairs], rate)
+        for t, s in zip(self.q_target.buffers(), self.q.buffers(), strict=True):
+            t.copy_(s)
 
     # --- acting and scoring ----------------------------------------------------------------------
 

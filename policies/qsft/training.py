@@ -64,6 +64,12 @@ def check_config(cfg: TrainQSFTConfig) -> None:
             f"add data.reward.success_reward=1 data.reward.step_reward=0 data.reward.discount={cfg.gamma} "
             f"(now {reward.success_reward}, {reward.step_reward}, {reward.discount})."
         )
+    model = cfg.policy.model
+    if int(model.lora.rank) > 0 and model.backbone == "vla" and not model.init:
+        raise UserError(
+            "policy.model.lora adapts a pretrained model, but this VLA starts from random weights: give "
+            "policy.model.init=<train_policy vla run> (or a VLM: vlm=<name>), or set lora.rank=0."
+        )
     if cfg.behaviour == "frozen" and not (cfg.policy.model.init or cfg.policy.model.backbone == "hf"):
         raise UserError("behaviour=frozen keeps pi_phi as initialised: give policy.model.init=<train_policy vla run>.")
 
