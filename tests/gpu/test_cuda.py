@@ -129,6 +129,44 @@ def test_own_generalists_sample_on_cuda(name: str, tmp_path: Path) -> None:
     assert len({s.tobytes() for s in samples}) > 1  # K draws, not one copied
 
 
+@torch.no_grad()
+def test_llama_stack_on_cuda_matches_transformers_in_fp32_and_bf16() -> None:
+    """policies/llama_stack.py (fused decoding) on the GPU: fp32 equal to transformers' forward, bf16 autocast
+    as close to it as transformers' own bf16 forward is."""
+    from policies.llama_stack import LlamaStack
+    from tests.policies.test_llama_stack import COLUMNS, llama, prefixes, reference
+
+    lms = [llama(0).cuda(), llama(1).cuda()]
+    embeds, mask = (x.cuda() for x in prefixes(2))
+    ids = torch.randint(0, 40, (2, 3), device="cuda")
+    stack = LlamaStack(lms, COLUMNS)
+    state, _ = stack.prefill(embeds, mask, extra=3)
+    out = stack.extend(state, ids)
+    exact = [reference(lm, embeds[g], mask, ids)[:, 1:] for g, lm in enumerate(lms)]
+    for g in range(2):
+        torch.testing.assert_close(out[g], exact[g], rtol=1e-4, atol=1e-4)
+    with torch.autocast("cuda", torch.bfloat16):
+        state, _ = stack.prefill(embeds, mask, extra=3)
+        bf16 = stack.extend(state, ids)
+        refs = [reference(lm, embeds[g], mask, ids)[:, 1:].float() for g, lm in enumerate(lms)]
+    for g in range(2):
+        assert (bf16[g] - exact[g]).abs().max() <= 2 * (refs[g] - exact[g]).abs().max() + 1e-2
+
+
+def test_vla_fused_sampling_on_cuda_equals_transformers(tmp_path: Path) -> None:
+    from policies.learned import load_policy_model
+    from tests.policies.conftest import tiny_checkpoint
+    from tests.qsft.helpers import images
+
+    model = load_policy_model(tiny_checkpoint("vla", tmp_path), "vla", "cuda").model
+    imgs = images(3, 0).cuda()
+    texts = ["reach forward", "go", "move the gripper to the red block"]
+    a = model.sample(imgs, texts, 8, generator=torch.Generator("cuda").manual_seed(0))
+    b = model.sample(imgs, texts, 8, generator=torch.Generator("cuda").manual_seed(0), fused=False)
+    assert torch.equal(a[0], b[0])
+    torch.testing.assert_close(a[1], b[1], rtol=1e-4, atol=1e-4)
+
+
 def test_openvla_greedy_on_cuda_matches_cpu(tmp_path: Path) -> None:
     """The tiny OpenVLA checkpoint through the real loader: float32 greedy actions agree across devices;
     bf16 on the GPU gives valid actions."""
