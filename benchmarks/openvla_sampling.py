@@ -15,6 +15,9 @@ observation (a 256 px frame, preprocessed once), milliseconds per call:
 - sequential[K]:   K single-sample decodes, each with its own prefix forward (K predict_action calls),
 - preprocess:      the image processor (256 px frame -> (6, S, S)), on the CPU, not in the others.
 
+Every call decodes with `--decoder` (fused: policies/llama_stack.py, the default of `policy=openvla`;
+transformers: its cached forward, `policy.fused=false`).
+
 Goal (issue 8, GPU, real size): kv[10] <= 1.5 x greedy.
 """
 
@@ -86,7 +89,7 @@ def run(args: argparse.Namespace) -> dict:
     generator = torch.Generator(device=device).manual_seed(0)
 
     def sample(k: int, temperature: float = 1.0, restrict: bool = True) -> object:
-        return model.sample(pixel_values, input_ids, k, temperature, 0, restrict, generator)
+        return model.sample(pixel_values, input_ids, k, temperature, 0, restrict, generator, args.decoder == "fused")
 
     with torch.inference_mode():
         result = {"greedy_ms": timed(lambda: sample(1, 0.0, False), args.iters, args.warmup, sync), "k": {}}
@@ -117,6 +120,12 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
+    parser.add_argument(
+        "--decoder",
+        default="fused",
+        choices=["fused", "transformers"],
+        help="fused: policies/llama_stack.py (policy.fused, the default); transformers: its forward",
+    )
     parser.add_argument("--label", default="", help="a note stored with the results (e.g. 'CPU, tiny')")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "openvla_sampling.json"))
     args = parser.parse_args()
@@ -138,7 +147,7 @@ def report(r: dict) -> str:
     c = r["config"]
     lines = [
         f"{r['device']}: OpenVLA {c['size']} ({r['params'] / 1e6:,.1f} M params, {c['dtype']}), "
-        f"prefix {r['prefix_tokens']} tokens",
+        f"prefix {r['prefix_tokens']} tokens, {c.get('decoder', 'transformers')} decoder",
         f"  greedy action            {r['greedy_ms']['mean']:9.2f} ms",
     ]
     for k, s in r["k"].items():

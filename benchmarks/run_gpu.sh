@@ -60,6 +60,8 @@ step steer_latency_graphs 100 $py benchmarks/steer_latency.py --cuda-graphs --la
 step qsft_step 120 $py benchmarks/qsft_step.py --label "$label" --out "$out/qsft_step.json"
 step openvla_sampling 180 $py benchmarks/openvla_sampling.py --size real --iters 10 --label "$label, OpenVLA-7B shape" \
     --out "$out/openvla_sampling.json"
+step openvla_sampling_hf 120 $py benchmarks/openvla_sampling.py --size real --iters 5 --ks 10 --decoder transformers \
+    --label "$label, OpenVLA-7B shape, transformers decoder" --out "$out/openvla_sampling_hf.json"
 step gpu_tests 150 $py -m pytest -q -m gpu tests/gpu -p no:cacheprovider
 step value_train_compile 200 $vt --compile --label "$label, torch.compile" --out "$out/value_train.json"
 echo "=== all done at $(($(date +%s) - start))s" | tee -a "$log"

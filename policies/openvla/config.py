@@ -36,6 +36,9 @@ class OpenVLAPolicyConfig(PolicyConfig):
     # act(): OpenVLA's predict_action(do_sample=False), a greedy decode over the whole vocabulary as
     # published; false = one sample_actions candidate at `temperature`.
     greedy_act: bool = True
+    # Decode Llama-2 with policies/llama_stack.py (same numbers, less per-token overhead; quantised
+    # layers always use transformers); false: transformers' forward.
+    fused: bool = True
     # auto (cuda if available), cuda, cpu.
     device: str = "auto"
     # Seed of the sampling noise.

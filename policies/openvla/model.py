@@ -42,6 +42,7 @@ from configs.errors import UserError
 from policies.action_tokens import ActionTokenizer
 from policies.base import ACTION_DIM
 from policies.kv_cache import cache_kwargs, output_cache
+from policies.llama_stack import cached_stack
 from policies.vla import choose
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -243,7 +244,7 @@ class OpenVLA(nn.Module):
     @torch.no_grad()
     def sample(
         self, pixel_values: torch.Tensor, input_ids: torch.Tensor, k: int, temperature: float = 1.0, top_k: int = 0,
-        restrict: bool = True, generator: torch.Generator | None = None,
+        restrict: bool = True, generator: torch.Generator | None = None, fused: bool = True,
     ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
         """K action-token sequences for ONE observation: ids (K, 7) and their log-probabilities (K,) at T = 1.
 
@@ -253,30 +254,46 @@ class OpenVLA(nn.Module):
         `restrict` masks every non-action id (sampling only among the 256 action ids); without it the
         whole vocabulary competes, as in OpenVLA's predict_action (where a non-action id decodes to a
         clipped bin). Log-probabilities are over the same support (action ids, or the vocabulary).
+        `fused`: Llama-2 decodes through policies/llama_stack.py (preallocated cache, only the logits
+        sampled from; same numbers), unless its layers are quantised; else transformers' forward.
         """
         if input_ids.shape[0] != 1:
             raise ValueError(f"sample draws K actions for one observation, got a batch of {input_ids.shape[0]}")
         if temperature <= 0 and k > 1:  # greedy: every row would be the same
-            ids, logp = self.sample(pixel_values, input_ids, 1, 0.0, top_k, restrict, generator)
+            ids, logp = self.sample(pixel_values, input_ids, 1, 0.0, top_k, restrict, generator, fused)
             return ids.expand(k, -1).clone(), logp.expand(k).clone()
-        decoder = self.language_model.model
-        out = decoder(inputs_embeds=self.embed_prefix(pixel_values, input_ids), use_cache=True)
-        cache, hidden = output_cache(out), out.last_hidden_state[:, -1]  # hidden (1, d)
-        if k > 1:
-            cache.batch_repeat_interleave(k)  # (1, ...) -> (K, ...): one cache row per sample
-        hidden = hidden.expand(k, -1)
-        chosen, logp = [], torch.zeros(k, device=hidden.device)
-        for step in range(ACTION_DIM):
-            scores = self.next_logits(hidden, restrict)  # (K, 256) or (K, V)
+        prefix = self.embed_prefix(pixel_values, input_ids)
+        columns = slice(self.tokens.first_id, self.tokens.vocab_size) if restrict else slice(None)
+        stack = cached_stack(self, [self.language_model], columns) if fused else None
+        if stack is not None:
+            mask = torch.ones(prefix.shape[:2], dtype=torch.bool, device=prefix.device)
+            state, scores = stack.prefill(prefix[None], mask, k, extra=ACTION_DIM - 1)
+            scores, advance = scores[0], lambda ids: stack.extend(state, ids[:, None])[0, :, -1]
+        else:
+            scores, advance = self._hf_decoding(prefix, k, restrict)
+        chosen, logp = [], torch.zeros(k, device=prefix.device)
+        for step in range(ACTION_DIM):  # scores: (K, 256) or (K, V) float logits
             index = choose(scores, temperature, top_k, generator)
             logp += scores.log_softmax(-1).gather(1, index[:, None])[:, 0]
             ids = self.tokens.index_to_id(index) if restrict else index
             chosen.append(ids)
             if step < ACTION_DIM - 1:
-                hidden = decoder(
-                    input_ids=ids[:, None], **cache_kwargs(decoder, cache), use_cache=True
-                ).last_hidden_state[:, -1]
+                scores = advance(ids)
         return torch.stack(chosen, dim=1), logp
+
+    def _hf_decoding(self, prefix: torch.Tensor, k: int, restrict: bool) -> tuple[torch.Tensor, Any]:
+        """transformers' cached forward: the first logits (k, C) and a function ids (k,) -> the next logits."""
+        decoder = self.language_model.model
+        out = decoder(inputs_embeds=prefix, use_cache=True)
+        cache, hidden = output_cache(out), out.last_hidden_state[:, -1]  # hidden (1, d)
+        if k > 1:
+            cache.batch_repeat_interleave(k)  # (1, ...) -> (K, ...): one cache row per sample
+
+        def step(ids: torch.Tensor) -> torch.Tensor:
+            out = decoder(input_ids=ids[:, None], **cache_kwargs(decoder, cache), use_cache=True)
+            return self.next_logits(out.last_hidden_state[:, -1], restrict)
+
+        return self.next_logits(hidden.expand(k, -1), restrict), step
 
     def next_logits(self, hidden: torch.Tensor, restrict: bool) -> torch.Tensor:
         """Final hidden states (M, d) -> float logits over the 256 action ids (restrict; index i = id first_id + i)

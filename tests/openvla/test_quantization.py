@@ -74,6 +74,10 @@ def test_only_the_decoder_linears_are_replaced(quantized: tuple[str, str, Any], 
     expected.update(dict.fromkeys(replaced, bnb.nn.Linear8bitLt if bits == "8bit" else bnb.nn.Linear4bit))
     assert {n: type(m) for n, m in model.named_modules()} == expected
     assert type(model.language_model.lm_head) is nn.Linear  # next_logits slices its weight
+    from policies.llama_stack import LlamaStack
+
+    assert "not plain nn.Linear" in LlamaStack.unsupported([model.language_model])  # decoded by transformers
+    assert LlamaStack.unsupported([loaded.model.language_model]) is None  # unquantised: fused
     weights = {f"{n}.weight" for n in replaced}
     others = {n: p.dtype for n, p in model.named_parameters() if n not in weights}
     assert set(others.values()) == {dtype}  # embeddings, norms, lm_head, ViTs, projector (Llama has no biases)

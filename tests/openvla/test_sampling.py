@@ -117,3 +117,16 @@ def test_top_k_restricts_each_step(loaded: Any) -> None:
     top = loaded.model.tokens.action_logits(first_logits(loaded, pixel_values, input_ids)).topk(3).indices
     ids, _ = loaded.model.sample(pixel_values, input_ids, 200, 5.0, top_k=3, generator=generator(5))
     assert set(loaded.model.tokens.id_to_index(ids[:, 0]).tolist()) <= set(top.tolist())
+
+
+@pytest.mark.parametrize("restrict", [True, False])
+def test_fused_decoding_draws_what_transformers_draws(loaded: Any, restrict: bool, monkeypatch) -> None:
+    """Llama-2 through policies/llama_stack.py (the default): transformers' samples for one seed, and
+    transformers' forward is not called; quantised layers fall back to it (tests/openvla/test_quantization.py)."""
+    model = loaded.model
+    ref_ids, ref_logp = model.sample(*inputs(loaded), 6, temperature=1.5, restrict=restrict, generator=generator(3),
+                                     fused=False)  # fmt: skip
+    monkeypatch.setattr(model.language_model.model, "forward", lambda *a, **k: pytest.fail("transformers called"))
+    ids, logp = model.sample(*inputs(loaded), 6, temperature=1.5, restrict=restrict, generator=generator(3))
+    assert torch.equal(ids, ref_ids)
+    torch.testing.assert_close(logp, ref_logp, rtol=1e-4, atol=1e-4)
