@@ -54,13 +54,17 @@ def resolve_device(name: str) -> torch.device:
 
 def save_policy_checkpoint(
     run_dir: Path, step: int, model: nn.Module, trainer: dict[str, Any], cfg: Any, stats: dict[str, Any],
-    meta: dict[str, Any],
+    meta: dict[str, Any], weights: dict[str, torch.Tensor] | None = None, files: dict[str, str] | None = None,
 ) -> Path:  # fmt: skip
-    """Write checkpoint `step`: model weights (safetensors), trainer state, config, statistics, model files."""
-    weights = _untied(model.state_dict())
+    """Write checkpoint `step`: model weights (safetensors), trainer state, config, statistics, model files.
+
+    `weights` / `files` replace `model.state_dict()` / `model.files()` (a sharded model's gathered weights).
+    """
+    weights = _untied(model.state_dict() if weights is None else weights)
     if any(isinstance(v, torch.Tensor) for v in trainer.values()):
         raise ValueError("trainer state must hold no top-level tensors: they would land among the weights")
-    files = {CONFIG_FILE: OmegaConf.to_yaml(cfg, resolve=True), STATS_FILE: json.dumps(stats), **model.files()}
+    files = {CONFIG_FILE: OmegaConf.to_yaml(cfg, resolve=True), STATS_FILE: json.dumps(stats),
+             **(model.files() if files is None else files)}  # fmt: skip
     return save_checkpoint(run_dir, step, {**weights, **trainer}, meta, files)
 
 

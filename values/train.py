@@ -9,9 +9,7 @@ trains on its shard with batch_size / world_size and gradients are averaged (val
 from __future__ import annotations
 
 import logging
-import os
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +19,7 @@ from omegaconf import OmegaConf
 from tqdm import tqdm
 
 from configs.checkpoint import latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint
+from configs.distributed import Distributed, broadcast, main_first, resolve_device, setup_distributed
 from configs.errors import UserError
 from configs.registry import Registry
 from configs.run import log_file, new_run_dir, save_config, tensorboard_writer
@@ -43,42 +42,6 @@ def make_agent(cfg: ValueConfig, lang_dim: int, discount: float, seed: int, chan
 
     module, _, name = AGENTS.get(cfg.algo).rpartition(".")
     return getattr(importlib.import_module(module), name)(cfg, lang_dim, discount, seed, channels_last)
-
-
-@dataclass
-class Distributed:
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-
-def setup_distributed(device: str) -> Distributed:
-    """torchrun sets WORLD_SIZE / RANK / LOCAL_RANK; a single process needs nothing."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return Distributed()
-    import torch.distributed as dist
-
-    use_cuda = device != "cpu" and torch.cuda.is_available()
-    dist.init_process_group("nccl" if use_cuda else "gloo")
-    info = Distributed(dist.get_rank(), world, int(os.environ.get("LOCAL_RANK", "0")))
-    if use_cuda:
-        torch.cuda.set_device(info.local_rank)
-    return info
-
-
-def resolve_device(name: str, dist: Distributed) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda":
-        if not torch.cuda.is_available():
-            raise UserError("device=cuda but no CUDA device is available; use device=cpu or device=auto.")
-        return torch.device("cuda", dist.local_rank)
-    return torch.device(name)
 
 
 # --- batches ----------------------------------------------------------------------------------
@@ -154,10 +117,13 @@ def train_value(cfg: TrainValueConfig) -> Path:
     device = resolve_device(cfg.device, dist)
     if cfg.batch_size % dist.world:
         raise UserError(f"batch_size={cfg.batch_size} must be divisible by the {dist.world} ranks.")
-    prepared = prepare_data(cfg.data)
+    with main_first(dist):  # rank 0 prepares the data; the others then read what it wrote
+        prepared = prepare_data(cfg.data)
     train_data, weights = build_datasets(prepared, cfg.data, "train")
     val_data, val_weights = build_datasets(prepared, cfg.data, "val")
-    run_dir = Path(cfg.resume) if cfg.resume else new_run_dir(cfg.run_root, "train_value", cfg.name)
+    run_dir = Path(cfg.resume) if cfg.resume else None
+    if run_dir is None:  # one directory for all ranks (a timestamped name could differ between them)
+        run_dir = broadcast(new_run_dir(cfg.run_root, "train_value", cfg.name) if dist.main else None, dist)
     language = make_language_encoder(cfg.value.language, device="cpu")
     cache = EmbeddingCache(language, device)
     train_lang, val_lang = cache.table(train_data.instructions), cache.table(val_data.instructions)

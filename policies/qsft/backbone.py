@@ -114,7 +114,8 @@ class Backbone(nn.Module):
         """Full-vocabulary logits (..., V) -> float (..., 257): the dummy id, then the action ids ascending."""
         if logits.shape[-1] < self.tokens.vocab_size:
             raise ValueError(f"logits over {logits.shape[-1]} ids, but the vocabulary has {self.tokens.vocab_size}")
-        return logits[..., self.tokens.first_id - DUMMY_COLUMNS : self.tokens.vocab_size].float()
+        # a copy, not a view of the full logits (FSDP warns about a forward method returning a view)
+        return logits[..., self.tokens.first_id - DUMMY_COLUMNS : self.tokens.vocab_size].float().clone()
 
     def _call(self, mask: torch.Tensor, position: torch.Tensor, **inputs: Any) -> Any:
         own = getattr(self._model().config, "model_type", "") in _OWN_POSITIONS

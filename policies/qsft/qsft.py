@@ -152,6 +152,11 @@ def selection_logits(
     return (log_pi + beta * q_probs / log_pi.exp()).masked_fill(~ratio_support(log_pi, floor), float("-inf"))
 
 
+def _local(param: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of an FSDP-sharded parameter (a DTensor), or the parameter itself."""
+    return param.to_local() if hasattr(param, "to_local") else param
+
+
 # --- the model -----------------------------------------------------------------------------------
 
 
@@ -276,10 +281,14 @@ class QSFTModel(nn.Module):
             }  # fmt: skip
         return q_loss, bc_loss, metrics
 
+    @torch.no_grad()
     def update_target(self, rate: float) -> None:
         """Polyak step of p_thetabar toward p_theta over p_theta's trained parameters (frozen ones stay equal)."""
+        for module in (*self.q.modules(), *self.q_target.modules()):  # FSDP: every parameter as its shard
+            if hasattr(module, "reshard") and hasattr(module, "unshard"):
+                module.reshard()
         pairs = zip(self.q_target.parameters(), self.q.parameters(), strict=True)
-        pairs = [(t, s) for t, s in pairs if s.requires_grad]
+        pairs = [(_local(t), _local(s)) for t, s in pairs if s.requires_grad]  # FSDP: each rank its shards
         if pairs:
             torch._foreach_lerp_([t for t, _ in pairs], [s for _, s in pairs], rate)
         for t, s in zip(self.q_target.buffers(), self.q.buffers(), strict=True):

@@ -24,12 +24,13 @@ from torch import nn
 from tqdm import tqdm
 
 from configs.checkpoint import latest_checkpoint, load_checkpoint, prune_checkpoints
+from configs.distributed import Distributed, broadcast, main_first, mean_over_ranks, resolve_device, setup_distributed
 from configs.errors import UserError
 from configs.run import log_file, new_run_dir, save_config, tensorboard_writer
 from data.loader import build_datasets, make_loader
 from data.prepare import prepare_data
 from policies.config import VLAModelConfig
-from policies.learned import resolve_device, save_policy_checkpoint
+from policies.learned import save_policy_checkpoint
 from policies.qsft.config import TrainQSFTConfig
 from policies.qsft.policy import NAME
 from policies.qsft.qsft import BACKUPS, QSFTModel, unit_rewards
@@ -89,11 +90,19 @@ def make_optimizer(model: QSFTModel, cfg: TrainQSFTConfig) -> tuple[torch.optim.
 
 
 def train_qsft(cfg: TrainQSFTConfig) -> Path:
-    """Train (or resume); returns the run directory. Inputs are validated before anything is written."""
+    """Train (or resume); returns the run directory. Inputs are validated before anything is written.
+
+    Under torchrun every rank trains on its shard of each batch (batch_size / world) and pi_phi,
+    p_theta and the target are sharded with FSDP (`shard`); rank 0 writes logs and checkpoints.
+    """
     check_config(cfg)
-    device = resolve_device(cfg.device)
-    prepared = prepare_data(cfg.data)
-    torch.manual_seed(cfg.seed)
+    dist = setup_distributed(cfg.device)
+    device = resolve_device(cfg.device, dist)
+    if cfg.batch_size % dist.world:
+        raise UserError(f"batch_size={cfg.batch_size} must be divisible by the {dist.world} ranks.")
+    with main_first(dist):  # rank 0 prepares the data; the others then read what it wrote
+        prepared = prepare_data(cfg.data)
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     image_size = int(next(iter(prepared.values())).train.image_shape[0])
     model = QSFTModel.create(cfg.policy.model, image_size).to(device)
     if cfg.policy.model.backbone == "vla" and cfg.policy.model.init:  # the checkpoint's architecture is the one saved
@@ -103,40 +112,80 @@ def train_qsft(cfg: TrainQSFTConfig) -> Path:
     if cfg.gradient_checkpointing:
         model.pi.gradient_checkpointing()
         model.q.gradient_checkpointing()
+    files = model.files()  # before sharding: the backbone files describe the unsharded model
+    if dist.world > 1:
+        shard(model)
     train = build_datasets(prepared, cfg.data, "train")
     val = build_datasets(prepared, cfg.data, "val") if cfg.val_every > 0 else None
     optimizer, scheduler = make_optimizer(model, cfg)
     if cfg.resume and latest_checkpoint(cfg.resume) is None:
         raise UserError(f"resume={cfg.resume}: no checkpoint there to resume from (expected <dir>/checkpoints/step_*).")
-    run_dir = Path(cfg.resume) if cfg.resume else new_run_dir(cfg.run_root, "train_qsft", cfg.name)
-    start = _resume(run_dir, model, optimizer, scheduler, device)
-    save_config(cfg, run_dir)
+    run_dir = Path(cfg.resume) if cfg.resume else None
+    if run_dir is None:  # one directory for all ranks (a timestamped name could differ between them)
+        run_dir = broadcast(new_run_dir(cfg.run_root, "train_qsft", cfg.name) if dist.main else None, dist)
+    start = _resume(run_dir, model, optimizer, scheduler, device, dist)
+    if dist.main:
+        save_config(cfg, run_dir)
     meta = {
         "policy": NAME, "image_size": image_size, "chunk": 1, "normalization": cfg.data.normalization,
         "datasets": train[0].names, "instructions": train[0].instructions, "gamma": cfg.gamma,
     }  # fmt: skip
-    run = {"dir": run_dir, "stats": {n: p.stats for n, p in prepared.items()}, "meta": meta, "device": device}
-    with log_file(run_dir):
+    run = {"dir": run_dir, "stats": {n: p.stats for n, p in prepared.items()}, "meta": meta, "device": device,
+           "dist": dist, "files": files}  # fmt: skip
+    with log_file(run_dir, "log.txt" if dist.main else f"log_rank{dist.rank}.txt"):
         log.info(
-            "run %s: Q-SFT on a %s backbone (3 x %.2fM parameters) on %s, %d train transitions, start at step %d",
-            run_dir, cfg.policy.model.backbone, sum(p.numel() for p in model.q.parameters()) / 1e6, device,
-            len(train[0]), start,
+            "run %s: Q-SFT on a %s backbone (3 x %.2fM parameters) on %s, rank %d of %d, %d train transitions, "
+            "start at step %d", run_dir, cfg.policy.model.backbone,
+            sum(p.numel() for p in model.q.parameters()) / 1e6, device, dist.rank, dist.world, len(train[0]), start,
         )  # fmt: skip
         _loop(cfg, model, optimizer, scheduler, train, val, start, run)
     return run_dir
 
 
-def _resume(run_dir: Path, model: nn.Module, optimizer: Any, scheduler: Any, device: torch.device) -> int:
+def shard(model: QSFTModel) -> None:
+    """FSDP (PyTorch's fully_shard) over the ranks: each decoder layer of pi_phi, p_theta and the target its own
+    unit (the classes the transformers model names as `_no_split_modules`), then each backbone as a whole.
+
+    Weights, gradients and AdamW state are split over the ranks; a unit's weights are gathered for its
+    forward and backward only. Q-SFT calls a backbone through `prefix` and `action_logits`, not `forward`,
+    so both are registered as FSDP forward methods.
+    """
+    try:
+        from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+    except ImportError:
+        raise UserError(f"FSDP (train_qsft under torchrun) needs torch >= 2.6, found {torch.__version__}.") from None
+    for backbone in (model.pi, model.q, model.q_target):
+        names = set(getattr(backbone._model(), "_no_split_modules", None) or [])
+        for layer in [m for m in backbone.modules() if type(m).__name__ in names]:
+            fully_shard(layer)
+        fully_shard(backbone)
+        for method in ("prefix", "action_logits"):
+            register_fsdp_forward_method(backbone, method)
+
+
+def _resume(run_dir: Path, model: nn.Module, optimizer: Any, scheduler: Any, device: torch.device,
+            dist: Distributed) -> int:  # fmt: skip
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
+
     ckpt = latest_checkpoint(run_dir)
     if ckpt is None:
         return 0
-    state, meta = load_checkpoint(ckpt, device)
-    model.load_state_dict({k: v for k, v in state.items() if isinstance(v, torch.Tensor)})
-    optimizer.load_state_dict(state["optimizer"])
+    state, meta = load_checkpoint(ckpt, device if dist.world == 1 else "cpu")
+    weights = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+    full = StateDictOptions(full_state_dict=True)  # every rank reads the whole checkpoint and keeps its shard
+    set_model_state_dict(model, weights, options=full)
+    saved = state["optimizer"]
+    if any(isinstance(p, int) for g in saved["param_groups"] for p in g["params"]):  # written before FSDP support
+        if dist.world > 1:
+            raise UserError(f"{ckpt} predates FSDP checkpoints: resume it in one process, not under torchrun.")
+        optimizer.load_state_dict(saved)
+    else:  # parameter names as keys: any number of ranks can resume it
+        set_optimizer_state_dict(model, optimizer, saved, options=full)
     scheduler.load_state_dict(state["scheduler"])
     _set_rng(state["rng"])
     step = int(meta["step"])
-    _truncate_metrics(run_dir / METRICS_FILE, step)
+    if dist.main:
+        _truncate_metrics(run_dir / METRICS_FILE, step)
     log.info("resumed from %s (step %d)", ckpt, step)
     return step
 
@@ -151,13 +200,14 @@ def to_device(raw: dict[str, Any], cfg: TrainQSFTConfig, device: torch.device) -
 
 def _loop(cfg: TrainQSFTConfig, model: QSFTModel, optimizer: Any, scheduler: Any, train: tuple, val: tuple | None,
           start: int, run: dict[str, Any]) -> None:  # fmt: skip
-    device = run["device"]
+    device, dist = run["device"], run["dist"]
     loader = make_loader(
-        train[0], train[1], cfg.batch_size, seed=cfg.seed, num_workers=cfg.data.num_workers, backend=cfg.data.loader,
-        start_batch=start, num_batches=max(cfg.steps - start, 0), pin_memory=device.type == "cuda",
+        train[0], train[1], cfg.batch_size // dist.world, seed=cfg.seed, num_workers=cfg.data.num_workers,
+        backend=cfg.data.loader, rank=dist.rank, world_size=dist.world, start_batch=start,
+        num_batches=max(cfg.steps - start, 0), pin_memory=device.type == "cuda",
     )  # fmt: skip
-    writer = tensorboard_writer(run["dir"])
-    bar = tqdm(total=cfg.steps, initial=start, desc="train qsft", dynamic_ncols=True)
+    writer = tensorboard_writer(run["dir"]) if dist.main else None
+    bar = tqdm(total=cfg.steps, initial=start, desc="train qsft", dynamic_ncols=True, disable=not dist.main)
     autocast = cfg.bf16 and device.type == "cuda"
     sums: dict[str, torch.Tensor] = {}
     count, tick = 0, time.perf_counter()
@@ -168,19 +218,23 @@ def _loop(cfg: TrainQSFTConfig, model: QSFTModel, optimizer: Any, scheduler: Any
         count, done = count + 1, step + 1
         bar.update()
         if done % cfg.log_every == 0 or done == cfg.steps:
-            logged = {f"train/{k}": float(v) / count for k, v in sums.items()}
+            logged = {f"train/{k}": v / count for k, v in mean_over_ranks(sums, dist).items()}
             if not math.isfinite(logged["train/loss"]):
                 raise FloatingPointError(f"non-finite training loss in the {count} steps up to step {done}")
             logged["train/lr"] = scheduler.get_last_lr()[0]
             logged["train/samples_per_s"] = count * cfg.batch_size / (time.perf_counter() - tick)
-            _log(writer, bar, run["dir"], logged, done)
+            if dist.main:
+                _log(writer, bar, run["dir"], logged, done)
             sums, count, tick = {}, 0, time.perf_counter()
         if val is not None and (done % cfg.val_every == 0 or done == cfg.steps):
-            _log(writer, bar, run["dir"], validate(model, val, cfg, device, autocast), done)
+            metrics = validate(model, val, cfg, device, autocast, dist)
+            if dist.main:
+                _log(writer, bar, run["dir"], metrics, done)
         if done % cfg.ckpt_every == 0 or done == cfg.steps:
             _save(cfg, model, optimizer, scheduler, run, done)
     bar.close()
-    writer.close()
+    if writer is not None:
+        writer.close()
 
 
 def _train_step(cfg: TrainQSFTConfig, model: QSFTModel, optimizer: Any, scheduler: Any, batch: dict[str, Any],
@@ -199,9 +253,9 @@ def _train_step(cfg: TrainQSFTConfig, model: QSFTModel, optimizer: Any, schedule
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     if cfg.grad_clip > 0:
-        metrics["grad_norm_q"] = nn.utils.clip_grad_norm_(model.q.parameters(), cfg.grad_clip)
+        metrics["grad_norm_q"] = _full(nn.utils.clip_grad_norm_(model.q.parameters(), cfg.grad_clip))
         if joint:
-            metrics["grad_norm_pi"] = nn.utils.clip_grad_norm_(model.pi.parameters(), cfg.grad_clip)
+            metrics["grad_norm_pi"] = _full(nn.utils.clip_grad_norm_(model.pi.parameters(), cfg.grad_clip))
     optimizer.step()
     scheduler.step()
     model.update_target(cfg.polyak)
@@ -210,11 +264,13 @@ def _train_step(cfg: TrainQSFTConfig, model: QSFTModel, optimizer: Any, schedule
 
 
 @torch.no_grad()
-def validate(model: QSFTModel, val: tuple, cfg: TrainQSFTConfig, device: torch.device,
-             autocast: bool) -> dict[str, float]:  # fmt: skip
-    """Mean loss metrics over `val_batches` held-out batches (fixed order)."""
-    loader: Iterable = make_loader(val[0], val[1], cfg.batch_size, seed=cfg.seed + 1, num_workers=cfg.data.num_workers,
-                                   backend=cfg.data.loader, num_batches=cfg.val_batches)  # fmt: skip
+def validate(model: QSFTModel, val: tuple, cfg: TrainQSFTConfig, device: torch.device, autocast: bool,
+             dist: Distributed | None = None) -> dict[str, float]:  # fmt: skip
+    """Mean loss metrics over `val_batches` held-out batches (fixed order; under torchrun split over the ranks)."""
+    dist = dist or Distributed()
+    loader: Iterable = make_loader(val[0], val[1], max(cfg.batch_size // dist.world, 1), seed=cfg.seed + 1,
+                                   num_workers=cfg.data.num_workers, backend=cfg.data.loader, rank=dist.rank,
+                                   world_size=dist.world, num_batches=cfg.val_batches)  # fmt: skip
     model.eval()
     sums: dict[str, float] = {}
     for raw in loader:
@@ -222,12 +278,27 @@ def validate(model: QSFTModel, val: tuple, cfg: TrainQSFTConfig, device: torch.d
             metrics = model.evaluate(to_device(raw, cfg, device), cfg.gamma, cfg.pi_floor, cfg.backup)
         sums = {k: sums.get(k, 0.0) + float(v) for k, v in metrics.items()}
     model.train()
-    return {f"val/{k}": v / max(cfg.val_batches, 1) for k, v in sums.items()}
+    return {f"val/{k}": v / max(cfg.val_batches, 1) for k, v in mean_over_ranks(sums, dist).items()}
 
 
-def _save(cfg: TrainQSFTConfig, model: QSFTModel, optimizer: Any, scheduler: Any, run: dict, step: int) -> Path:
-    trainer = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": _get_rng()}
-    path = save_policy_checkpoint(run["dir"], step, model, trainer, cfg, run["stats"], run["meta"])
+def _save(cfg: TrainQSFTConfig, model: QSFTModel, optimizer: Any, scheduler: Any, run: dict, step: int) -> Path | None:
+    """Every rank gathers the full weights and optimiser state (collectives); rank 0 writes them."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+
+    dist = run["dist"]
+    options = StateDictOptions(full_state_dict=True, cpu_offload=dist.world > 1)  # ranks > 0 get nothing
+    weights = get_model_state_dict(model, options=options)
+    trainer = {"optimizer": get_optimizer_state_dict(model, optimizer, options=options),
+               "scheduler": scheduler.state_dict(), "rng": _get_rng()}  # fmt: skip
+    if not dist.main:
+        return None
+    path = save_policy_checkpoint(run["dir"], step, model, trainer, cfg, run["stats"], run["meta"], weights,
+                                  run["files"])  # fmt: skip
     prune_checkpoints(run["dir"], max(cfg.keep_checkpoints, 1))
     log.info("saved %s", path)
     return path
+
+
+def _full(value: torch.Tensor) -> torch.Tensor:
+    """A value FSDP returns as a sharded DTensor (e.g. a gradient norm), as a plain tensor."""
+    return value.full_tensor() if hasattr(value, "full_tensor") else value

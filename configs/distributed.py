@@ -1,0 +1,100 @@
+"""torchrun: the rank of this process, its device, and the collectives the training loops need.
+
+    torchrun --nproc_per_node=4 train_value.py data=bridge      # DDP-style (values/agent.py averages gradients)
+    torchrun --nproc_per_node=4 train_qsft.py vlm=paligemma ...  # FSDP (policies/qsft/training.py)
+
+torchrun sets WORLD_SIZE / RANK / LOCAL_RANK; a single process needs nothing and every helper here is
+then a no-op. The process group uses NCCL on CUDA, gloo on the CPU (what the tests run).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from configs.errors import UserError
+
+
+@dataclass
+class Distributed:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_distributed(device: str) -> Distributed:
+    """The process group of a torchrun launch (created once), or a single process."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return Distributed()
+    import torch.distributed as dist
+
+    use_cuda = device != "cpu" and torch.cuda.is_available()
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    info = Distributed(dist.get_rank(), world, int(os.environ.get("LOCAL_RANK", "0")))
+    if use_cuda:
+        torch.cuda.set_device(info.local_rank)
+    return info
+
+
+def resolve_device(name: str, dist: Distributed) -> torch.device:
+    """auto / cuda / cpu; on CUDA this rank's GPU (LOCAL_RANK)."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError("device=cuda but no CUDA device is available; use device=cpu or device=auto.")
+        return torch.device("cuda", dist.local_rank)
+    return torch.device(name)
+
+
+def broadcast(value: Any, dist: Distributed) -> Any:
+    """Rank 0's `value` (any picklable object) on every rank."""
+    if dist.world == 1:
+        return value
+    import torch.distributed as tdist
+
+    box = [value]
+    tdist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def barrier(dist: Distributed) -> None:
+    if dist.world > 1:
+        import torch.distributed as tdist
+
+        tdist.barrier()
+
+
+@contextlib.contextmanager
+def main_first(dist: Distributed) -> Iterator[None]:
+    """Rank 0 runs the block first (e.g. writes a prepared dataset), the other ranks after it (and reuse it)."""
+    if not dist.main:
+        barrier(dist)
+    yield
+    if dist.main:
+        barrier(dist)
+
+
+def mean_over_ranks(values: dict[str, torch.Tensor | float], dist: Distributed) -> dict[str, float]:
+    """{name: value} averaged over the ranks (every rank passes the same names)."""
+    if dist.world == 1:
+        return {k: float(v) for k, v in values.items()}
+    import torch.distributed as tdist
+
+    names = sorted(values)
+    flat = torch.tensor([float(values[k]) for k in names], dtype=torch.float64)
+    if tdist.get_backend() == "nccl":
+        flat = flat.cuda()
+    tdist.all_reduce(flat)
+    return {k: float(v) / dist.world for k, v in zip(names, flat.tolist(), strict=True)}

@@ -1,0 +1,65 @@
+"""train_qsft under torchrun with FSDP: 2 CPU ranks (gloo), launched as a real torchrun would launch them."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+REPO = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch without torch.distributed")
+
+
+def torchrun(*args: str) -> None:
+    """`torchrun --standalone --nproc_per_node=2 -m tests.qsft.fsdp_worker ARGS`; fails with the ranks' output."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "tests.qsft.fsdp_worker", *args]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-8000:]
+
+
+def test_sharded_steps_equal_one_process_on_the_whole_batch(tmp_path: Path) -> None:
+    """Two ranks with half a batch each, weights sharded: the same two Q-SFT steps (AdamW, clipping, Polyak)
+    as one unsharded model on the whole batch."""
+    out = tmp_path / "step.json"
+    torchrun("step", str(out))
+    result = json.loads(out.read_text())
+    assert result["keys_equal"] and result["moved"] == result["keys"]  # every tensor of pi, q, target moved
+    assert result["max_diff"] < 1e-5
+
+
+@pytest.mark.tf
+def test_fsdp_run_resumes_exactly_and_its_checkpoint_acts(policy_data_dir: Path, tmp_path: Path) -> None:
+    """4 steps straight == 2 steps, then a new torchrun resuming to 4 (bit for bit, metrics too); rank 0
+    alone writes; the checkpoint holds full weights that one process resumes from and acts with."""
+    from policies.base import make_policy
+    from tests.policies.conftest import DEBUG_TRAIN, observation
+    from tests.qsft.helpers import qsft_config
+    from tests.qsft.test_train_qsft import ckpt, metric_lines, run
+
+    common = [f"data.data_dir={policy_data_dir}", f"run_root={tmp_path}", *DEBUG_TRAIN, "warmup_steps=0",
+              "lr_schedule=constant"]  # fmt: skip
+    torchrun("train", *common, "name=straight", "steps=4")
+    torchrun("train", *common, "name=resumed", "steps=2")
+    torchrun("train", *common, "name=resumed", "steps=4")
+    straight, resumed = tmp_path / "train_qsft" / "straight", tmp_path / "train_qsft" / "resumed"
+    a, b = (load_file(str(ckpt(d, 4) / "model.safetensors")) for d in (straight, resumed))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    half = load_file(str(ckpt(resumed, 2) / "model.safetensors"))
+    assert all(not torch.equal(half[k], a[k]) for k in a if k.startswith(("q.", "q_target.")) and "norm" not in k)
+    assert metric_lines(straight) == metric_lines(resumed)
+    assert [m["step"] for m in metric_lines(resumed) if "train/loss" in m] == [1, 2, 3, 4]  # one writer
+    assert (resumed / "log_rank1.txt").is_file()
+    # full weights, names as keys: one process resumes the run and acts with it
+    run(policy_data_dir, tmp_path, "name=resumed", "steps=5", "warmup_steps=0", "lr_schedule=constant")
+    assert ckpt(resumed, 5).is_dir()
+    cfg = qsft_config().policy
+    cfg.checkpoint, cfg.device = str(resumed), "cpu"
+    assert make_policy(cfg).sample_actions(observation(0), 3).shape == (3, 1, 7)
