@@ -27,12 +27,17 @@ def torchrun(*args: str) -> None:
 
 def test_sharded_steps_equal_one_process_on_the_whole_batch(tmp_path: Path) -> None:
     """Two ranks with half a batch each, weights sharded: the same two Q-SFT steps (AdamW, clipping, Polyak)
-    as one unsharded model on the whole batch."""
+    as one unsharded model on the whole batch; for the VLA, the VLA with LoRA adapters, and Idefics3."""
+    pytest.importorskip("peft")
     out = tmp_path / "step.json"
     torchrun("step", str(out))
-    result = json.loads(out.read_text())
-    assert result["keys_equal"] and result["moved"] == result["keys"]  # every tensor of pi, q, target moved
-    assert result["max_diff"] < 1e-5
+    results = json.loads(out.read_text())
+    assert set(results) == {"vla", "vla_lora", "idefics3"}
+    for variant, result in results.items():
+        assert result["keys_equal"], variant
+        assert result["trained_moved"] == result["trained"] > 0, variant  # every trained tensor moved
+        # float noise only: summation order differs, and AdamW's step is ~lr (1e-3) even for tiny gradients
+        assert result["max_diff"] < 1e-4, (variant, result)
 
 
 @pytest.mark.tf
