@@ -3,26 +3,16 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-REPO = Path(__file__).resolve().parents[2]
+from tests.distributed import torchrun
+
+WORKER = "tests.qsft.fsdp_worker"
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch without torch.distributed")
-
-
-def torchrun(*args: str) -> None:
-    """`torchrun --standalone --nproc_per_node=2 -m tests.qsft.fsdp_worker ARGS`; fails with the ranks' output."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           "-m", "tests.qsft.fsdp_worker", *args]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-8000:]
 
 
 def test_sharded_steps_equal_one_process_on_the_whole_batch(tmp_path: Path) -> None:
@@ -30,7 +20,7 @@ def test_sharded_steps_equal_one_process_on_the_whole_batch(tmp_path: Path) -> N
     as one unsharded model on the whole batch; for the VLA, the VLA with LoRA adapters, and Idefics3."""
     pytest.importorskip("peft")
     out = tmp_path / "step.json"
-    torchrun("step", str(out))
+    torchrun(WORKER, "step", str(out))
     results = json.loads(out.read_text())
     assert set(results) == {"vla", "vla_lora", "idefics3"}
     for variant, result in results.items():
@@ -51,9 +41,9 @@ def test_fsdp_run_resumes_exactly_and_its_checkpoint_acts(policy_data_dir: Path,
 
     common = [f"data.data_dir={policy_data_dir}", f"run_root={tmp_path}", *DEBUG_TRAIN, "warmup_steps=0",
               "lr_schedule=constant"]  # fmt: skip
-    torchrun("train", *common, "name=straight", "steps=4")
-    torchrun("train", *common, "name=resumed", "steps=2")
-    torchrun("train", *common, "name=resumed", "steps=4")
+    torchrun(WORKER, "train", *common, "name=straight", "steps=4")
+    torchrun(WORKER, "train", *common, "name=resumed", "steps=2")
+    torchrun(WORKER, "train", *common, "name=resumed", "steps=4")
     straight, resumed = tmp_path / "train_qsft" / "straight", tmp_path / "train_qsft" / "resumed"
     a, b = (load_file(str(ckpt(d, 4) / "model.safetensors")) for d in (straight, resumed))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
