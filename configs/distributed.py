@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch import nn
 
 from configs.errors import UserError
 
@@ -98,3 +99,20 @@ def mean_over_ranks(values: dict[str, torch.Tensor | float], dist: Distributed) 
         flat = flat.cuda()
     tdist.all_reduce(flat)
     return {k: float(v) / dist.world for k, v in zip(names, flat.tolist(), strict=True)}
+
+
+def average_gradients(params: list[nn.Parameter]) -> None:
+    """All-reduce (mean) the gradients of `params` across ranks, in one flat buffer per dtype."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    grads = [p.grad for p in params if p.grad is not None]
+    for dtype in {g.dtype for g in grads}:
+        group = [g for g in grads if g.dtype == dtype]
+        flat = torch.cat([g.reshape(-1) for g in group])
+        dist.all_reduce(flat)
+        flat /= dist.get_world_size()
+        torch._foreach_copy_(
+            group, [f.view_as(g) for f, g in zip(flat.split([g.numel() for g in group]), group, strict=True)]
+        )

@@ -26,16 +26,26 @@ from torch import nn
 from tqdm import tqdm
 
 from configs.checkpoint import latest_checkpoint, load_checkpoint, prune_checkpoints
+from configs.distributed import (
+    Distributed,
+    average_gradients,
+    broadcast,
+    main_first,
+    mean_over_ranks,
+    resolve_device,
+    setup_distributed,
+)
 from configs.errors import UserError
 from configs.run import log_file, new_run_dir, save_config, tensorboard_writer
 from data.loader import MixtureDataset, build_datasets, make_loader
 from data.prepare import prepare_data
 from policies import flow, vla  # noqa: F401 - register the models
 from policies.config import TrainPolicyConfig
-from policies.learned import MODELS, resolve_device, save_policy_checkpoint
+from policies.learned import MODELS, save_policy_checkpoint
 
 log = logging.getLogger(__name__)
 METRICS_FILE = "metrics.jsonl"
+RANK_SEED = 7919  # under torchrun rank r draws its noise from seed + r * RANK_SEED: ranks do not repeat each other
 
 
 def step_generator(seed: int, step: int, device: torch.device) -> torch.Generator:
@@ -79,13 +89,21 @@ def to_device(raw: dict[str, Any], device: torch.device) -> dict[str, Any]:
 
 
 def train_policy(cfg: TrainPolicyConfig) -> Path:
-    """Train (or resume); returns the run directory. Inputs are validated before anything is written."""
+    """Train (or resume); returns the run directory. Inputs are validated before anything is written.
+
+    Under torchrun (data parallel) every rank trains a full copy on its shard of each batch
+    (batch_size / world rows), gradients are averaged over the ranks, and rank 0 writes logs and checkpoints.
+    """
     if cfg.policy.name not in MODELS:
         raise UserError(
             f"policy={cfg.policy.name} is not trainable; train_policy.py trains {', '.join(MODELS.names())}."
         )
-    device = resolve_device(cfg.device)
-    prepared = prepare_data(cfg.data)
+    dist = setup_distributed(cfg.device)
+    device = resolve_device(cfg.device, dist)
+    if cfg.batch_size % dist.world:
+        raise UserError(f"batch_size={cfg.batch_size} must be divisible by the {dist.world} ranks.")
+    with main_first(dist):  # rank 0 prepares the data; the others then read what it wrote
+        prepared = prepare_data(cfg.data)
     torch.manual_seed(cfg.seed)
     image_size = int(next(iter(prepared.values())).train.image_shape[0])
     model = MODELS.get(cfg.policy.name).create(cfg.policy.model, image_size).to(device)
@@ -97,16 +115,19 @@ def train_policy(cfg: TrainPolicyConfig) -> Path:
     optimizer, scheduler = make_optimizer(model, cfg)
     if cfg.resume and latest_checkpoint(cfg.resume) is None:
         raise UserError(f"resume={cfg.resume}: no checkpoint there to resume from (expected <dir>/checkpoints/step_*).")
-    run_dir = Path(cfg.resume) if cfg.resume else new_run_dir(cfg.run_root, "train_policy", cfg.name)
-    start = _resume(run_dir, model, optimizer, scheduler, device)
-    save_config(cfg, run_dir)
+    run_dir = Path(cfg.resume) if cfg.resume else None
+    if run_dir is None:  # one directory for all ranks (a timestamped name could differ between them)
+        run_dir = broadcast(new_run_dir(cfg.run_root, "train_policy", cfg.name) if dist.main else None, dist)
+    start = _resume(run_dir, model, optimizer, scheduler, device, dist.main)
+    if dist.main:
+        save_config(cfg, run_dir)
     stats = {name: p.stats for name, p in prepared.items()}
     meta = {
         "policy": cfg.policy.name, "image_size": image_size, "chunk": model.chunk,
         "normalization": cfg.data.normalization, "datasets": train.names, "instructions": train.instructions,
     }  # fmt: skip
-    run = {"dir": run_dir, "stats": stats, "meta": meta, "device": device}
-    with log_file(run_dir):
+    run = {"dir": run_dir, "stats": stats, "meta": meta, "device": device, "dist": dist}
+    with log_file(run_dir, "log.txt" if dist.main else f"log_rank{dist.rank}.txt"):
         n_params = sum(p.numel() for p in model.parameters())
         log.info(
             "run %s: %s (%.2fM parameters) on %s, %d train transitions, %d instructions, start at step %d",
@@ -116,7 +137,8 @@ def train_policy(cfg: TrainPolicyConfig) -> Path:
     return run_dir
 
 
-def _resume(run_dir: Path, model: nn.Module, optimizer: Any, scheduler: Any, device: torch.device) -> int:
+def _resume(run_dir: Path, model: nn.Module, optimizer: Any, scheduler: Any, device: torch.device,
+            main: bool = True) -> int:  # fmt: skip
     ckpt = latest_checkpoint(run_dir)
     if ckpt is None:
         return 0
@@ -126,48 +148,56 @@ def _resume(run_dir: Path, model: nn.Module, optimizer: Any, scheduler: Any, dev
     scheduler.load_state_dict(state["scheduler"])
     _set_rng(state["rng"])
     step = int(meta["step"])
-    _truncate_metrics(run_dir / METRICS_FILE, step)
+    if main:
+        _truncate_metrics(run_dir / METRICS_FILE, step)
     log.info("resumed from %s (step %d)", ckpt, step)
     return step
 
 
 def _loop(cfg: TrainPolicyConfig, model: nn.Module, optimizer: Any, scheduler: Any, train: tuple,
           val: tuple | None, start: int, run: dict[str, Any]) -> None:  # fmt: skip
-    device = run["device"]
+    device, dist = run["device"], run["dist"]
     loader = make_loader(
-        train[0], train[1], cfg.batch_size, seed=cfg.seed, num_workers=cfg.data.num_workers, backend=cfg.data.loader,
-        start_batch=start, num_batches=max(cfg.steps - start, 0), pin_memory=device.type == "cuda",
+        train[0], train[1], cfg.batch_size // dist.world, seed=cfg.seed, num_workers=cfg.data.num_workers,
+        backend=cfg.data.loader, rank=dist.rank, world_size=dist.world, start_batch=start,
+        num_batches=max(cfg.steps - start, 0), pin_memory=device.type == "cuda",
     )  # fmt: skip
-    writer = tensorboard_writer(run["dir"])
-    bar = tqdm(total=cfg.steps, initial=start, desc=f"train {cfg.policy.name}", dynamic_ncols=True)
+    writer = tensorboard_writer(run["dir"]) if dist.main else None
+    bar = tqdm(total=cfg.steps, initial=start, desc=f"train {cfg.policy.name}", dynamic_ncols=True,
+               disable=not dist.main)  # fmt: skip
     autocast = cfg.bf16 and device.type == "cuda"
     sums: dict[str, torch.Tensor] = {}
     count, tick = 0, time.perf_counter()
     model.train()
     for step, raw in enumerate(loader, start=start):
-        metrics = _train_step(cfg, model, optimizer, scheduler, to_device(raw, device), step, autocast)
+        metrics = _train_step(cfg, model, optimizer, scheduler, to_device(raw, device), step, autocast, dist)
         sums = {k: sums.get(k, 0.0) + v for k, v in metrics.items()}  # tensors: no device sync per step
         count, done = count + 1, step + 1
         bar.update()
         if done % cfg.log_every == 0 or done == cfg.steps:
-            logged = {f"train/{k}": float(v) / count for k, v in sums.items()}
+            logged = {f"train/{k}": v / count for k, v in mean_over_ranks(sums, dist).items()}
             if not math.isfinite(logged["train/loss"]):
                 raise FloatingPointError(f"non-finite training loss in the {count} steps up to step {done}")
             logged["train/lr"] = scheduler.get_last_lr()[0]
             logged["train/samples_per_s"] = count * cfg.batch_size / (time.perf_counter() - tick)
-            _log(writer, bar, run["dir"], logged, done)
+            if dist.main:
+                _log(writer, bar, run["dir"], logged, done)
             sums, count, tick = {}, 0, time.perf_counter()
         if val is not None and (done % cfg.val_every == 0 or done == cfg.steps):
-            _log(writer, bar, run["dir"], validate(model, val, cfg, device, autocast), done)
-        if done % cfg.ckpt_every == 0 or done == cfg.steps:
+            metrics = validate(model, val, cfg, device, autocast, dist)
+            if dist.main:
+                _log(writer, bar, run["dir"], metrics, done)
+        if dist.main and (done % cfg.ckpt_every == 0 or done == cfg.steps):  # every rank holds the same weights
             _save(cfg, model, optimizer, scheduler, run, done)
     bar.close()
-    writer.close()
+    if writer is not None:
+        writer.close()
 
 
 def _train_step(cfg: TrainPolicyConfig, model: nn.Module, optimizer: Any, scheduler: Any, batch: dict[str, Any],
-                step: int, autocast: bool) -> dict[str, torch.Tensor]:  # fmt: skip
-    g = step_generator(cfg.seed, step, batch["image"].device)
+                step: int, autocast: bool, dist: Distributed | None = None) -> dict[str, torch.Tensor]:  # fmt: skip
+    rank = dist.rank if dist is not None else 0
+    g = step_generator(cfg.seed + RANK_SEED * rank, step, batch["image"].device)
     if cfg.augment:
         from data.augment import augment_pair
 
@@ -176,6 +206,7 @@ def _train_step(cfg: TrainPolicyConfig, model: nn.Module, optimizer: Any, schedu
         loss, metrics = model.loss(batch, g)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
+    average_gradients([p for p in model.parameters() if p.requires_grad])  # no-op in one process
     if cfg.grad_clip > 0:
         metrics["grad_norm"] = nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
     optimizer.step()
@@ -185,18 +216,22 @@ def _train_step(cfg: TrainPolicyConfig, model: nn.Module, optimizer: Any, schedu
 
 @torch.no_grad()
 def validate(model: nn.Module, val: tuple[MixtureDataset, list[float]], cfg: TrainPolicyConfig,
-             device: torch.device, autocast: bool) -> dict[str, float]:  # fmt: skip
-    """Mean of the model's `evaluate` metrics over `val_batches` held-out batches (fixed order)."""
-    loader: Iterable = make_loader(val[0], val[1], cfg.batch_size, seed=cfg.seed + 1, num_workers=cfg.data.num_workers,
-                                   backend=cfg.data.loader, num_batches=cfg.val_batches)  # fmt: skip
+             device: torch.device, autocast: bool, dist: Distributed | None = None) -> dict[str, float]:  # fmt: skip
+    """Mean of the model's `evaluate` metrics over `val_batches` held-out batches (fixed order; under
+    torchrun each rank its shard, then the mean over the ranks)."""
+    dist = dist or Distributed()
+    loader: Iterable = make_loader(val[0], val[1], max(cfg.batch_size // dist.world, 1), seed=cfg.seed + 1,
+                                   num_workers=cfg.data.num_workers, backend=cfg.data.loader, rank=dist.rank,
+                                   world_size=dist.world, num_batches=cfg.val_batches)  # fmt: skip
     model.eval()
     sums: dict[str, float] = {}
     for i, raw in enumerate(loader):
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-            metrics = model.evaluate(to_device(raw, device), step_generator(cfg.seed + 1, i, device))
+            g = step_generator(cfg.seed + 1 + RANK_SEED * dist.rank, i, device)
+            metrics = model.evaluate(to_device(raw, device), g)
         sums = {k: sums.get(k, 0.0) + float(v) for k, v in metrics.items()}
     model.train()
-    return {f"val/{k}": v / max(cfg.val_batches, 1) for k, v in sums.items()}
+    return {f"val/{k}": v / max(cfg.val_batches, 1) for k, v in mean_over_ranks(sums, dist).items()}
 
 
 # --- logs and checkpoints ------------------------------------------------------------------------

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from configs.distributed import average_gradients
 from values.config import ValueConfig
 
 
@@ -33,23 +34,6 @@ def step_generator(seed: int, step: int, device: torch.device) -> torch.Generato
     g = torch.Generator(device=device)
     g.manual_seed((seed * 1_000_003 + step) % 2**63)
     return g
-
-
-def average_gradients(params: list[nn.Parameter]) -> None:
-    """All-reduce (mean) the gradients of `params` across ranks, in one flat buffer per dtype."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return
-    grads = [p.grad for p in params if p.grad is not None]
-    for dtype in {g.dtype for g in grads}:
-        group = [g for g in grads if g.dtype == dtype]
-        flat = torch.cat([g.reshape(-1) for g in group])
-        dist.all_reduce(flat)
-        flat /= dist.get_world_size()
-        torch._foreach_copy_(
-            group, [f.view_as(g) for f, g in zip(flat.split([g.numel() for g in group]), group, strict=True)]
-        )
 
 
 class Agent(ABC, nn.Module):

@@ -36,6 +36,7 @@ from policies.qsft.policy import NAME
 from policies.qsft.qsft import BACKUPS, QSFTModel, unit_rewards
 from policies.training import (
     METRICS_FILE,
+    RANK_SEED,
     _get_rng,
     _log,
     _set_rng,
@@ -213,7 +214,7 @@ def _loop(cfg: TrainQSFTConfig, model: QSFTModel, optimizer: Any, scheduler: Any
     count, tick = 0, time.perf_counter()
     model.train()
     for step, raw in enumerate(loader, start=start):
-        metrics = _train_step(cfg, model, optimizer, scheduler, to_device(raw, cfg, device), step, autocast)
+        metrics = _train_step(cfg, model, optimizer, scheduler, to_device(raw, cfg, device), step, autocast, dist.rank)
         sums = {k: sums.get(k, 0.0) + v for k, v in metrics.items()}  # tensors: no device sync per step
         count, done = count + 1, step + 1
         bar.update()
@@ -238,11 +239,11 @@ def _loop(cfg: TrainQSFTConfig, model: QSFTModel, optimizer: Any, scheduler: Any
 
 
 def _train_step(cfg: TrainQSFTConfig, model: QSFTModel, optimizer: Any, scheduler: Any, batch: dict[str, Any],
-                step: int, autocast: bool) -> dict[str, torch.Tensor]:  # fmt: skip
+                step: int, autocast: bool, rank: int = 0) -> dict[str, torch.Tensor]:  # fmt: skip
     if cfg.augment:
         from data.augment import augment_pair
 
-        g = step_generator(cfg.seed, step, batch["image"].device)
+        g = step_generator(cfg.seed + RANK_SEED * rank, step, batch["image"].device)
         batch["image"], batch["next_image"] = augment_pair(batch["image"], batch["next_image"], g)
     joint = cfg.behaviour == "joint"
     with torch.autocast(batch["image"].device.type, dtype=torch.bfloat16, enabled=autocast):

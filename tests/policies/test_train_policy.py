@@ -115,3 +115,27 @@ def test_untrainable_policy_is_refused_before_writing(tmp_path: Path) -> None:
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "not trainable" in proc.stderr and "flow, vla" in proc.stderr
     assert not (tmp_path / "runs").exists()
+
+
+def test_data_parallel_steps_equal_one_process_on_the_whole_batch(tmp_path: Path) -> None:
+    """torchrun, 2 CPU ranks: each on half a batch, gradients averaged, == one model on the whole batch."""
+    from tests.distributed import torchrun
+
+    out = tmp_path / "ddp.json"
+    torchrun("tests.policies.ddp_worker", "step", str(out))
+    result = json.loads(out.read_text())
+    assert result["moved"] == result["tensors"] and result["max_diff"] < 1e-4
+    assert len(set(result["rank_checksums"])) == 1  # the ranks hold the same weights
+
+
+def test_data_parallel_run_writes_once_and_acts(policy_data_dir: Path, tmp_path: Path) -> None:
+    from tests.distributed import torchrun
+
+    torchrun("tests.policies.ddp_worker", "train", f"data.data_dir={policy_data_dir}", f"run_root={tmp_path}",
+             *DEBUG_TRAIN, "name=ddp", "steps=2")  # fmt: skip
+    run_dir = tmp_path / "train_policy" / "ddp"
+    assert [m["step"] for m in metric_lines(run_dir) if "train/loss" in m] == [1, 2]  # rank 0 alone logs
+    assert (run_dir / "log_rank1.txt").is_file() and ckpt(run_dir, 2).is_dir()
+    cfg = tiny_model_config("vla").policy
+    cfg.checkpoint, cfg.device = str(run_dir), "cpu"
+    assert make_policy(cfg).sample_actions(observation(1), 3).shape == (3, 1, 7)
