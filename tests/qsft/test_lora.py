@@ -143,3 +143,18 @@ def test_train_qsft_with_adapters_from_a_vla_checkpoint(policy_data_dir: Path, t
     cfg.checkpoint, cfg.device = str(run_dir), "cpu"
     actions = make_policy(cfg).sample_actions(observation(0), 3)
     assert actions.shape == (3, 1, 7) and np.isfinite(actions).all()
+
+
+@pytest.mark.tf
+def test_adapter_run_resumes_exactly(policy_data_dir: Path, tmp_path: Path) -> None:
+    """4 steps straight == 2 steps, then resumed to 4 (frozen weights hold no optimiser state), bit for bit."""
+    from tests.policies.conftest import tiny_checkpoint
+    from tests.qsft.test_train_qsft import ckpt, run
+
+    init = tiny_checkpoint("vla", tmp_path / "sft")
+    extra = (f"policy.model.init={init}", "augment=true", *LORA)
+    straight = run(policy_data_dir, tmp_path, "name=straight", "steps=4", *extra)
+    run(policy_data_dir, tmp_path, "name=resumed", "steps=2", *extra)
+    resumed = run(policy_data_dir, tmp_path, "name=resumed", "steps=4", *extra)
+    a, b = (load_file(str(ckpt(d, 4) / "model.safetensors")) for d in (straight, resumed))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
