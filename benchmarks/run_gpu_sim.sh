@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Issue 3's GPU figure: benchmarks/sim_throughput.py on the GPU machine, rendering with NVIDIA's EGL.
+# Carry .whl_sim and .gl (made here by benchmarks/prepare_gpu_sim.sh), then there:
+#     bash benchmarks/run_gpu_sim.sh OUT_DIR [LABEL]
+# SKIP_GL=1 leaves the debs alone (a dry run on a machine whose / must not change); PYTHON picks the
+# interpreter and WHEELS the wheel folder (default .whl_sim).
+set -u
+out=${1:?usage: benchmarks/run_gpu_sim.sh OUT_DIR [LABEL]}
+label=${2:-GPU machine, NVIDIA EGL}
+py=${PYTHON:-python3}
+mkdir -p "$out"
+if [[ -z "${SKIP_GL:-}" ]]; then
+    for f in .gl/*.deb; do dpkg -x "$f" /; done
+    ldconfig
+    vendor=/usr/local/nvidia/share/glvnd/egl_vendor.d/10_nvidia.json
+    [[ -f $vendor ]] && export __EGL_VENDOR_LIBRARY_FILENAMES=$vendor
+fi
+$py -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/simsite "${WHEELS:-.whl_sim}"/*.whl ||
+    exit 1
+export PYTHONPATH=/tmp/simsite:$PWD MUJOCO_GL=egl PYOPENGL_PLATFORM=egl PYTHONUNBUFFERED=1
+$py -c "import mujoco, robosuite; print('mujoco', mujoco.__version__, 'robosuite', robosuite.__version__)" || exit 1
+nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null
+timeout -k 5 "${SIM_SECONDS_LIMIT:-420}" $py benchmarks/sim_throughput.py --workers ${WORKERS:-1 4 8 16} \
+    --sizes 0 128 --seconds "${SECONDS_PER:-8}" --repeats 1 --label "$label" --out "$out/sim_throughput.json"
