@@ -47,21 +47,23 @@ step() {  # step NAME LIMIT_SECONDS COMMAND...
 } 2>&1 | tee -a "$log"
 
 vt="$py benchmarks/value_train.py --cache .bench/value --episodes 60 --workers 12"
+# most needed first (the budget skips what no longer fits): issue 4's end-to-end figure, the CUDA tests of
+# code never run on a GPU (fused decoding, bf16 GroupNorm), issue 6's step / selection, issue 5's latency
+step value_train 120 $vt --label "$label, eager" --out "$out/value_train.json"
+step gpu_tests 150 $py -m pytest -q -m gpu tests/gpu -p no:cacheprovider
+step qsft_step 120 $py benchmarks/qsft_step.py --label "$label" --out "$out/qsft_step.json"
+step steer_latency_graphs 100 $py benchmarks/steer_latency.py --cuda-graphs --label "$label, CUDA graphs" \
+    --out "$out/steer_latency_graphs.json"
 # where the update's time goes: agent.update alone, profiled, in each memory layout; cuDNN autotuning
 step value_variants 200 bash -c "
     $vt --model-only --steps 15 --warmup 5 --profile 3 --label '$label, NCHW' --out $out/value_variants.json
     $vt --model-only --steps 15 --warmup 5 --profile 3 --channels-last --label '$label, channels_last' --out $out/value_variants.json
     $vt --model-only --steps 15 --warmup 5 --cudnn-benchmark --label '$label, NCHW, cudnn.benchmark' --out $out/value_variants.json"
-step value_train 120 $vt --label "$label, eager" --out "$out/value_train.json"
 step value_train_cudnn 120 $vt --cudnn-benchmark --label "$label, eager, cudnn.benchmark" --out "$out/value_train.json"
-step steer_latency 100 $py benchmarks/steer_latency.py --label "$label" --out "$out/steer_latency.json"
-step steer_latency_graphs 100 $py benchmarks/steer_latency.py --cuda-graphs --label "$label, CUDA graphs" \
-    --out "$out/steer_latency_graphs.json"
-step qsft_step 120 $py benchmarks/qsft_step.py --label "$label" --out "$out/qsft_step.json"
 step openvla_sampling 180 $py benchmarks/openvla_sampling.py --size real --iters 10 --label "$label, OpenVLA-7B shape" \
     --out "$out/openvla_sampling.json"
 step openvla_sampling_hf 120 $py benchmarks/openvla_sampling.py --size real --iters 5 --ks 10 --decoder transformers \
     --label "$label, OpenVLA-7B shape, transformers decoder" --out "$out/openvla_sampling_hf.json"
-step gpu_tests 150 $py -m pytest -q -m gpu tests/gpu -p no:cacheprovider
+step steer_latency 100 $py benchmarks/steer_latency.py --label "$label" --out "$out/steer_latency.json"
 step value_train_compile 200 $vt --compile --label "$label, torch.compile" --out "$out/value_train.json"
 echo "=== all done at $(($(date +%s) - start))s" | tee -a "$log"
