@@ -18,11 +18,29 @@ layer back: no adapter cost per token, and a Llama VLA decodes through policies/
 
 from __future__ import annotations
 
+import contextlib
+import logging
+from collections.abc import Iterator
 from typing import Any
 
 from torch import nn
 
 from configs.errors import UserError
+
+# peft imports bitsandbytes where installed, whose CPU backend then warns that an optional kernel
+# package is missing: a note for 4-bit CPU inference, noise for adapters
+_BNB_CPU_LOGGER = "bitsandbytes.backends.cpu.ops"
+
+
+@contextlib.contextmanager
+def _quiet_bitsandbytes() -> Iterator[None]:
+    log = logging.getLogger(_BNB_CPU_LOGGER)
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
 
 
 def lora_enabled(cfg: Any) -> bool:
@@ -38,7 +56,8 @@ def add_lora(backbone: nn.Module, cfg: Any) -> None:
     if float(cfg.alpha) <= 0 or not 0 <= float(cfg.dropout) < 1:
         raise UserError(f"policy.model.lora: alpha={cfg.alpha} must be > 0 and dropout={cfg.dropout} in [0, 1).")
     try:
-        from peft import LoraConfig, inject_adapter_in_model
+        with _quiet_bitsandbytes():
+            from peft import LoraConfig, inject_adapter_in_model
     except ImportError:
         raise UserError("policy.model.lora.rank > 0 needs peft: pip install -e '.[lora]'.") from None
     targets = list(cfg.target_modules)
@@ -61,7 +80,8 @@ def add_lora(backbone: nn.Module, cfg: Any) -> None:
 def merge_lora(module: nn.Module) -> int:
     """Fold every adapter of `module` into its base layer and put the base layer back; returns how many."""
     try:
-        from peft.tuners.tuners_utils import BaseTunerLayer
+        with _quiet_bitsandbytes():
+            from peft.tuners.tuners_utils import BaseTunerLayer
     except ImportError:  # no peft: no adapters either
         return 0
     layers = [(name, sub) for name, sub in module.named_modules() if isinstance(sub, BaseTunerLayer)]

@@ -24,7 +24,7 @@ from configs.errors import UserError
 from data.normalize import ActionNormalizer
 from policies.base import POLICIES, Observation, Policy
 from policies.learned import CONFIG_FILE, STATS_FILE, LearnedPolicy, LoadedModel, dataset_stats, resolve_device
-from policies.qsft.lora import merge_lora
+from policies.qsft.lora import lora_enabled, merge_lora
 from policies.qsft.qsft import CRITIC_MODES, QSFTModel
 from policies.vision import stack_images
 
@@ -48,7 +48,8 @@ def load_qsft(path: str | Path, device: str | torch.device = "cpu") -> LoadedMod
     if missing or unexpected:
         raise UserError(f"{path}: weights do not match the Q-SFT architecture (missing {missing[:5]}, "
                         f"unexpected {unexpected[:5]}).")  # fmt: skip
-    merge_lora(model)  # acting: adapters folded into their weights, no per-token cost (policies/qsft/lora.py)
+    if lora_enabled(cfg.policy.model):  # acting: adapters folded into their weights, no per-token cost
+        merge_lora(model)
     stats = json.loads((path / STATS_FILE).read_text())
     return LoadedModel(model.to(device).eval(), cfg, stats, meta, path)
 
