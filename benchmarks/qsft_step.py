@@ -82,6 +82,7 @@ def main() -> None:
     from configs.schema import register
     from policies.learned import resolve_device
     from policies.llama_stack import LlamaStack
+    from policies.qsft.backbone import DUMMY_COLUMNS
     from policies.qsft.qsft import QSFTModel
 
     device = resolve_device(args.device)
@@ -129,7 +130,7 @@ def main() -> None:
     with torch.inference_mode(), torch.autocast(device.type, torch.bfloat16, enabled=autocast):
         result["prefix_ms"] = timed(lambda: sft.embed_prefix(one, text), args.iters, args.warmup, sync)
         prefix = sft.embed_prefix(one, text)
-        columns = slice(model.tokens.first_id - 1, model.tokens.vocab_size)
+        columns = slice(model.tokens.first_id - DUMMY_COLUMNS, model.tokens.vocab_size)
         stacks = {"": LlamaStack([sft.lm], columns), "_pair": LlamaStack([model.pi.net.lm, model.q.net.lm], columns)}
         token = model.tokens.index_to_id(torch.zeros(1, 1, dtype=torch.long, device=device))
         for k in args.ks:

@@ -13,6 +13,7 @@ import contextlib
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -30,6 +31,11 @@ class Distributed:
     @property
     def main(self) -> bool:
         return self.rank == 0
+
+    @property
+    def log_name(self) -> str:
+        """This rank's log file in the run directory: log.txt for rank 0, log_rank<r>.txt for the others."""
+        return "log.txt" if self.main else f"log_rank{self.rank}.txt"
 
 
 def setup_distributed(device: str) -> Distributed:
@@ -57,6 +63,25 @@ def resolve_device(name: str, dist: Distributed) -> torch.device:
             raise UserError("device=cuda but no CUDA device is available; use device=cpu or device=auto.")
         return torch.device("cuda", dist.local_rank)
     return torch.device(name)
+
+
+def start_training(device: str, batch_size: int) -> tuple[Distributed, torch.device]:
+    """What every trainer starts with: the process group (or one process), this rank's device, and a
+    check that `batch_size` splits evenly over the ranks."""
+    dist = setup_distributed(device)
+    if batch_size % dist.world:
+        raise UserError(f"batch_size={batch_size} must be divisible by the {dist.world} ranks.")
+    return dist, resolve_device(device, dist)
+
+
+def run_directory(dist: Distributed, resume: str | None, root: str, job: str, name: str | None) -> Path:
+    """The run directory: `resume`, else `<root>/<job>/<name or timestamp>` made by rank 0 and shared
+    (a timestamped name could differ between the ranks)."""
+    from configs.run import new_run_dir
+
+    if resume:
+        return Path(resume)
+    return broadcast(new_run_dir(root, job, name) if dist.main else None, dist)
 
 
 def broadcast(value: Any, dist: Distributed) -> Any:

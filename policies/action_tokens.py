@@ -47,6 +47,11 @@ class ActionTokenizer:
         return self.vocab_size - self.n_bins
 
     @property
+    def columns(self) -> slice:
+        """The action ids as a slice of the vocabulary axis (what `action_logits` keeps)."""
+        return slice(self.first_id, self.vocab_size)
+
+    @property
     def action_ids(self) -> range:
         """All 256 action ids, ascending."""
         return range(self.first_id, self.vocab_size)
@@ -82,7 +87,7 @@ class ActionTokenizer:
         """
         if logits.shape[-1] < self.vocab_size:
             raise ValueError(f"logits over {logits.shape[-1]} ids, but the vocabulary has {self.vocab_size}")
-        return logits[..., self.first_id : self.vocab_size]
+        return logits[..., self.columns]
 
     def mask_logits(self, logits: torch.Tensor) -> torch.Tensor:
         """Full-vocabulary logits (..., V) with every non-action id set to -inf (a new tensor)."""

@@ -151,7 +151,7 @@ class LlamaStack:
         Row n * k + j is copy j of prefix n; the cache has room for `extra` more tokens per row.
         """
         G, N, P, _ = embeds.shape
-        position = (mask.long().cumsum(-1) - 1).clamp(min=0)  # policies/vla.py's positions
+        position = positions(mask)
         causal = torch.ones(P, P, dtype=torch.bool, device=mask.device).tril()
         allowed = causal & (mask[:, None, :] | torch.eye(P, dtype=torch.bool, device=mask.device))  # (N, P, P)
         w = self.weights()
@@ -239,6 +239,11 @@ class LlamaStack:
         if torch.is_autocast_enabled(x.device.type):
             return torch.get_autocast_dtype(x.device.type)
         return torch.promote_types(x.dtype, w["o"][0].dtype)
+
+
+def positions(mask: torch.Tensor) -> torch.Tensor:
+    """Position ids (B, L) that skip padding inside the sequence: the number of real tokens before each one."""
+    return (mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
 def _dropout(lms: Sequence[nn.Module]) -> bool:

@@ -29,14 +29,13 @@ from configs.checkpoint import latest_checkpoint, load_checkpoint, prune_checkpo
 from configs.distributed import (
     Distributed,
     average_gradients,
-    broadcast,
     main_first,
     mean_over_ranks,
-    resolve_device,
-    setup_distributed,
+    run_directory,
+    start_training,
 )
 from configs.errors import UserError
-from configs.run import log_file, new_run_dir, save_config, tensorboard_writer
+from configs.run import log_file, save_config, tensorboard_writer
 from data.loader import MixtureDataset, build_datasets, make_loader
 from data.prepare import prepare_data
 from policies import flow, vla  # noqa: F401 - register the models
@@ -98,10 +97,7 @@ def train_policy(cfg: TrainPolicyConfig) -> Path:
         raise UserError(
             f"policy={cfg.policy.name} is not trainable; train_policy.py trains {', '.join(MODELS.names())}."
         )
-    dist = setup_distributed(cfg.device)
-    device = resolve_device(cfg.device, dist)
-    if cfg.batch_size % dist.world:
-        raise UserError(f"batch_size={cfg.batch_size} must be divisible by the {dist.world} ranks.")
+    dist, device = start_training(cfg.device, cfg.batch_size)
     with main_first(dist):  # rank 0 prepares the data; the others then read what it wrote
         prepared = prepare_data(cfg.data)
     torch.manual_seed(cfg.seed)
@@ -115,9 +111,7 @@ def train_policy(cfg: TrainPolicyConfig) -> Path:
     optimizer, scheduler = make_optimizer(model, cfg)
     if cfg.resume and latest_checkpoint(cfg.resume) is None:
         raise UserError(f"resume={cfg.resume}: no checkpoint there to resume from (expected <dir>/checkpoints/step_*).")
-    run_dir = Path(cfg.resume) if cfg.resume else None
-    if run_dir is None:  # one directory for all ranks (a timestamped name could differ between them)
-        run_dir = broadcast(new_run_dir(cfg.run_root, "train_policy", cfg.name) if dist.main else None, dist)
+    run_dir = run_directory(dist, cfg.resume, cfg.run_root, "train_policy", cfg.name)
     start = _resume(run_dir, model, optimizer, scheduler, device, dist.main)
     if dist.main:
         save_config(cfg, run_dir)
@@ -127,7 +121,7 @@ def train_policy(cfg: TrainPolicyConfig) -> Path:
         "normalization": cfg.data.normalization, "datasets": train.names, "instructions": train.instructions,
     }  # fmt: skip
     run = {"dir": run_dir, "stats": stats, "meta": meta, "device": device, "dist": dist}
-    with log_file(run_dir, "log.txt" if dist.main else f"log_rank{dist.rank}.txt"):
+    with log_file(run_dir, dist.log_name):
         n_params = sum(p.numel() for p in model.parameters())
         log.info(
             "run %s: %s (%.2fM parameters) on %s, %d train transitions, %d instructions, start at step %d",

@@ -39,7 +39,7 @@ from policies.base import ACTION_DIM, POLICIES, Policy
 from policies.config import LMConfig, VLAModelConfig
 from policies.kv_cache import cache_kwargs, output_cache
 from policies.learned import MODELS, LearnedPolicy, load_policy_model, resolve_device
-from policies.llama_stack import cached_stack
+from policies.llama_stack import cached_stack, positions
 from policies.text import ByteTokenizer, TextTokenizer, load_text_tokenizer, make_text_tokenizer, pad_ids
 from policies.vision import VisionEncoder
 
@@ -159,7 +159,7 @@ class VLAModel(nn.Module):
         B, n = action_ids.shape
         embeds = torch.cat([prefix.embeds, self.lm.get_input_embeddings()(action_ids).to(prefix.embeds.dtype)], 1)
         mask = torch.cat([prefix.mask, torch.ones((B, n), dtype=torch.bool, device=action_ids.device)], 1)
-        out = self.lm(inputs_embeds=embeds, attention_mask=mask.long(), position_ids=_positions(mask),
+        out = self.lm(inputs_embeds=embeds, attention_mask=mask.long(), position_ids=positions(mask),
                       use_cache=False, logits_to_keep=n + 1)  # fmt: skip
         return self.tokens.action_logits(out.logits.float())
 
@@ -211,7 +211,7 @@ class VLAModel(nn.Module):
             ids, logp = self.sample(images, instructions, 1, 0.0, top_k, generator, fused)
             return ids.expand(-1, k, -1).clone(), logp.expand(-1, k).clone()
         prefix = self.embed_prefix(images, instructions)
-        stack = cached_stack(self, [self.lm], self.action_columns) if fused else None
+        stack = cached_stack(self, [self.lm], self.tokens.columns) if fused else None
         if stack is not None:
             state, scores = stack.prefill(prefix.embeds[None], prefix.mask, k, extra=ACTION_DIM - 1)
             scores, advance = scores[0], lambda ids: stack.extend(state, ids[:, None])[0, :, -1]
@@ -228,19 +228,14 @@ class VLAModel(nn.Module):
         ids = self.tokens.index_to_id(torch.stack(chosen, dim=1))
         return ids.view(N, k, ACTION_DIM), logp.view(N, k)  # (N * K, ...) -> (N, K, ...)
 
-    @property
-    def action_columns(self) -> slice:
-        """The 256 action ids as a slice of the vocabulary."""
-        return slice(self.tokens.first_id, self.tokens.first_id + NUM_ACTION_TOKENS)
-
     def _hf_decoding(self, prefix: Prefix, k: int) -> tuple[torch.Tensor, Any]:
         """transformers' cached forward: the first action logits (N * k, 256) and a function ids (M,) -> the next."""
-        mask, positions = prefix.mask, _positions(prefix.mask)
-        out = self.lm(inputs_embeds=prefix.embeds, attention_mask=mask.long(), position_ids=positions,
+        mask, position = prefix.mask, positions(prefix.mask)
+        out = self.lm(inputs_embeds=prefix.embeds, attention_mask=mask.long(), position_ids=position,
                       use_cache=True, logits_to_keep=1)  # fmt: skip
         cache = output_cache(out)
         cache.batch_repeat_interleave(k)  # (N, ...) -> (N * K, ...): row n * K + j is sample j of obs n
-        state = {"mask": mask.repeat_interleave(k, dim=0), "position": positions[:, -1:].repeat_interleave(k, dim=0)}
+        state = {"mask": mask.repeat_interleave(k, dim=0), "position": position[:, -1:].repeat_interleave(k, dim=0)}
 
         def step(ids: torch.Tensor) -> torch.Tensor:
             state["mask"] = F.pad(state["mask"], (0, 1), value=True)
@@ -268,11 +263,6 @@ def choose(
         scores = scores.masked_fill(scores < kth, float("-inf"))
     noise = torch.empty_like(scores).exponential_(generator=generator)
     return (scores - noise.log()).argmax(-1)
-
-
-def _positions(mask: torch.Tensor) -> torch.Tensor:
-    """Position ids (B, L) that skip padding: the number of real tokens before each one."""
-    return (mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
 def _vision_without_download(cfg: Any) -> Any:

@@ -210,7 +210,19 @@ class ValueNet(nn.Module):
 
 @torch.no_grad()
 def soft_update(target: nn.Module, source: nn.Module, rate: float) -> None:
-    """Polyak averaging: target <- (1 - rate) target + rate source (parameters; buffers copied)."""
-    torch._foreach_lerp_(list(target.parameters()), list(source.parameters()), rate)
+    """Polyak averaging: target <- (1 - rate) target + rate source (parameters; buffers copied).
+
+    Only the source's trained parameters move: a frozen one (e.g. a LoRA base weight) was copied into
+    the target with the rest and never changes. FSDP-sharded parameters (DTensors) are averaged shard
+    by shard, each rank its own.
+    """
+    pairs = [(t, s) for t, s in zip(target.parameters(), source.parameters(), strict=True) if s.requires_grad]
+    if pairs:
+        torch._foreach_lerp_([_local(t) for t, _ in pairs], [_local(s) for _, s in pairs], rate)
     for t, s in zip(target.buffers(), source.buffers(), strict=True):
         t.copy_(s)
+
+
+def _local(param: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of an FSDP-sharded parameter (a DTensor), or the parameter itself."""
+    return param.to_local() if hasattr(param, "to_local") else param

@@ -19,10 +19,9 @@ from omegaconf import OmegaConf
 from tqdm import tqdm
 
 from configs.checkpoint import latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint
-from configs.distributed import Distributed, broadcast, main_first, resolve_device, setup_distributed
-from configs.errors import UserError
+from configs.distributed import Distributed, main_first, run_directory, start_training
 from configs.registry import Registry
-from configs.run import log_file, new_run_dir, save_config, tensorboard_writer
+from configs.run import log_file, save_config, tensorboard_writer
 from data.augment import augment_pair
 from data.loader import MixtureDataset, build_datasets, make_loader
 from data.prepare import prepare_data
@@ -113,17 +112,12 @@ def validate(agent: Agent, data: MixtureDataset, weights: list[float], lang_tabl
 
 def train_value(cfg: TrainValueConfig) -> Path:
     """Train; returns the run directory. Inputs are validated before anything is written."""
-    dist = setup_distributed(cfg.device)
-    device = resolve_device(cfg.device, dist)
-    if cfg.batch_size % dist.world:
-        raise UserError(f"batch_size={cfg.batch_size} must be divisible by the {dist.world} ranks.")
+    dist, device = start_training(cfg.device, cfg.batch_size)
     with main_first(dist):  # rank 0 prepares the data; the others then read what it wrote
         prepared = prepare_data(cfg.data)
     train_data, weights = build_datasets(prepared, cfg.data, "train")
     val_data, val_weights = build_datasets(prepared, cfg.data, "val")
-    run_dir = Path(cfg.resume) if cfg.resume else None
-    if run_dir is None:  # one directory for all ranks (a timestamped name could differ between them)
-        run_dir = broadcast(new_run_dir(cfg.run_root, "train_value", cfg.name) if dist.main else None, dist)
+    run_dir = run_directory(dist, cfg.resume, cfg.run_root, "train_value", cfg.name)
     language = make_language_encoder(cfg.value.language, device="cpu")
     cache = EmbeddingCache(language, device)
     train_lang, val_lang = cache.table(train_data.instructions), cache.table(val_data.instructions)
@@ -138,7 +132,7 @@ def train_value(cfg: TrainValueConfig) -> Path:
     start = _resume(agent, run_dir, device)
     state = {"prepared": prepared, "train": train_data, "language": language, "run_dir": run_dir}
     save_config(cfg, run_dir) if dist.main else None
-    with log_file(run_dir, "log.txt" if dist.main else f"log_rank{dist.rank}.txt"):
+    with log_file(run_dir, dist.log_name):
         log.info("run %s: %s on %s, %d train / %d val transitions, %d instructions, start at step %d",
                  run_dir, cfg.value.algo, device, len(train_data), len(val_data),
                  len(train_data.instructions), start)  # fmt: skip

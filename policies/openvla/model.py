@@ -263,7 +263,7 @@ class OpenVLA(nn.Module):
             ids, logp = self.sample(pixel_values, input_ids, 1, 0.0, top_k, restrict, generator, fused)
             return ids.expand(k, -1).clone(), logp.expand(k).clone()
         prefix = self.embed_prefix(pixel_values, input_ids)
-        columns = slice(self.tokens.first_id, self.tokens.vocab_size) if restrict else slice(None)
+        columns = self.tokens.columns if restrict else slice(None)
         stack = cached_stack(self, [self.language_model], columns) if fused else None
         if stack is not None:
             mask = torch.ones(prefix.shape[:2], dtype=torch.bool, device=prefix.device)
@@ -300,5 +300,5 @@ class OpenVLA(nn.Module):
         or the whole vocabulary (M, V). Restricted, only the 256 action rows of lm_head are multiplied."""
         weight = self.language_model.lm_head.weight
         if restrict:
-            weight = weight[self.tokens.first_id : self.tokens.vocab_size]
+            weight = weight[self.tokens.columns]
         return F.linear(hidden, weight).float()

@@ -42,6 +42,7 @@ from torch.nn import functional as F
 from configs.errors import UserError
 from policies.action_tokens import ActionTokenizer
 from policies.kv_cache import cache_kwargs, output_cache
+from policies.llama_stack import positions
 from policies.qsft.config import HFVLMConfig, QSFTModelConfig
 
 log = logging.getLogger(__name__)
@@ -69,11 +70,6 @@ class Decoding:
     mask: torch.Tensor
     position: torch.Tensor
     logits: torch.Tensor
-
-
-def positions(mask: torch.Tensor) -> torch.Tensor:
-    """Position ids (B, L) that skip left padding: the number of real tokens before each one."""
-    return (mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
 class Backbone(nn.Module):

@@ -47,6 +47,7 @@ from policies.llama_stack import cached_stack
 from policies.qsft.backbone import DUMMY_COLUMNS, Backbone, create_backbone, rebuild_backbone
 from policies.qsft.lora import add_lora, lora_enabled
 from policies.vla import choose
+from values.networks import soft_update
 
 CRITIC_MODES = ("p_theta", "ratio")
 LABELS = ("uniform", "dummy")
@@ -150,11 +151,6 @@ def selection_logits(
     if value != "ratio":
         raise UserError(f"policy.select_value={value!r}; use one of {', '.join(CRITIC_MODES)}.")
     return (log_pi + beta * q_probs / log_pi.exp()).masked_fill(~ratio_support(log_pi, floor), float("-inf"))
-
-
-def _local(param: torch.Tensor) -> torch.Tensor:
-    """This rank's shard of an FSDP-sharded parameter (a DTensor), or the parameter itself."""
-    return param.to_local() if hasattr(param, "to_local") else param
 
 
 # --- the model -----------------------------------------------------------------------------------
@@ -283,16 +279,12 @@ class QSFTModel(nn.Module):
 
     @torch.no_grad()
     def update_target(self, rate: float) -> None:
-        """Polyak step of p_thetabar toward p_theta over p_theta's trained parameters (frozen ones stay equal)."""
-        for module in (*self.q.modules(), *self.q_target.modules()):  # FSDP: every parameter as its shard
-            if hasattr(module, "reshard") and hasattr(module, "unshard"):
-                module.reshard()
-        pairs = zip(self.q_target.parameters(), self.q.parameters(), strict=True)
-        pairs = [(_local(t), _local(s)) for t, s in pairs if s.requires_grad]  # FSDP: each rank its shards
-        if pairs:
-            torch._foreach_lerp_([t for t, _ in pairs], [s for _, s in pairs], rate)
-        for t, s in zip(self.q_target.buffers(), self.q.buffers(), strict=True):
-            t.copy_(s)
+        """Polyak step of p_thetabar toward p_theta (`soft_update`: trained parameters, each rank its shards)."""
+        if hasattr(self.q, "reshard"):  # FSDP may leave a backbone's own parameters gathered after a backward
+            for module in (*self.q.modules(), *self.q_target.modules()):
+                if hasattr(module, "reshard"):
+                    module.reshard()
+        soft_update(self.q_target, self.q, rate)
 
     # --- acting and scoring ----------------------------------------------------------------------
 

@@ -24,9 +24,9 @@ from torch import nn
 from tqdm import tqdm
 
 from configs.checkpoint import latest_checkpoint, load_checkpoint, prune_checkpoints
-from configs.distributed import Distributed, broadcast, main_first, mean_over_ranks, resolve_device, setup_distributed
+from configs.distributed import Distributed, main_first, mean_over_ranks, run_directory, start_training
 from configs.errors import UserError
-from configs.run import log_file, new_run_dir, save_config, tensorboard_writer
+from configs.run import log_file, save_config, tensorboard_writer
 from data.loader import build_datasets, make_loader
 from data.prepare import prepare_data
 from policies.config import VLAModelConfig
@@ -97,10 +97,7 @@ def train_qsft(cfg: TrainQSFTConfig) -> Path:
     p_theta and the target are sharded with FSDP (`shard`); rank 0 writes logs and checkpoints.
     """
     check_config(cfg)
-    dist = setup_distributed(cfg.device)
-    device = resolve_device(cfg.device, dist)
-    if cfg.batch_size % dist.world:
-        raise UserError(f"batch_size={cfg.batch_size} must be divisible by the {dist.world} ranks.")
+    dist, device = start_training(cfg.device, cfg.batch_size)
     with main_first(dist):  # rank 0 prepares the data; the others then read what it wrote
         prepared = prepare_data(cfg.data)
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
@@ -121,9 +118,7 @@ def train_qsft(cfg: TrainQSFTConfig) -> Path:
     optimizer, scheduler = make_optimizer(model, cfg)
     if cfg.resume and latest_checkpoint(cfg.resume) is None:
         raise UserError(f"resume={cfg.resume}: no checkpoint there to resume from (expected <dir>/checkpoints/step_*).")
-    run_dir = Path(cfg.resume) if cfg.resume else None
-    if run_dir is None:  # one directory for all ranks (a timestamped name could differ between them)
-        run_dir = broadcast(new_run_dir(cfg.run_root, "train_qsft", cfg.name) if dist.main else None, dist)
+    run_dir = run_directory(dist, cfg.resume, cfg.run_root, "train_qsft", cfg.name)
     start = _resume(run_dir, model, optimizer, scheduler, device, dist)
     if dist.main:
         save_config(cfg, run_dir)
@@ -133,7 +128,7 @@ def train_qsft(cfg: TrainQSFTConfig) -> Path:
     }  # fmt: skip
     run = {"dir": run_dir, "stats": {n: p.stats for n, p in prepared.items()}, "meta": meta, "device": device,
            "dist": dist, "files": files}  # fmt: skip
-    with log_file(run_dir, "log.txt" if dist.main else f"log_rank{dist.rank}.txt"):
+    with log_file(run_dir, dist.log_name):
         log.info(
             "run %s: Q-SFT on a %s backbone (3 x %.2fM parameters) on %s, rank %d of %d, %d train transitions, "
             "start at step %d", run_dir, cfg.policy.model.backbone,

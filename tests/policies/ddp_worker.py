@@ -3,7 +3,7 @@
 
 MODE step OUT: two SFT steps of the tiny VLA (deterministic: no sampled noise), each rank on half of a fixed
           batch with gradients averaged over the ranks, against one model on the whole batch; rank 0
-          writes the largest weight difference to OUT and rank checksums.
+          writes the comparison (tests/distributed.py `compare_with_reference`) to OUT.
 MODE train OVERRIDES...: train_policy with the tiny VLA config and the overrides.
 """
 
@@ -22,6 +22,7 @@ def step_mode(out: Path) -> None:
     from configs.distributed import setup_distributed
     from policies.learned import MODELS
     from policies.training import _train_step, make_optimizer
+    from tests.distributed import compare_with_reference
     from tests.policies.conftest import IMAGE_SIZE, tiny_model_config
     from tests.qsft.helpers import images
 
@@ -37,23 +38,15 @@ def step_mode(out: Path) -> None:
     data = {"image": images(4, 1), "action": torch.rand(4, 7, generator=g) * 2 - 1,
             "instruction": ["go", "reach forward", "pick up the red cube", "go"]}  # fmt: skip
     reference, ranked, initial = model(), model(), model().state_dict()
-    for net, batch, rank_dist in ((reference, data, None), (ranked, None, dist)):
+    half = {k: v[2 * dist.rank : 2 * dist.rank + 2] for k, v in data.items()}
+    # the reference takes the whole batch on every rank (the average of equal gradients is that gradient)
+    for net, batch, rank_dist in ((reference, data, None), (ranked, half, dist)):
         optimizer, scheduler = make_optimizer(net, cfg)
         for step in range(2):
-            if batch is None:  # this rank's half
-                part = {k: v[2 * dist.rank : 2 * dist.rank + 2] for k, v in data.items()}
-            else:  # the whole batch, on every rank (its averaged gradient is its own)
-                part = batch
-            _train_step(cfg, net, optimizer, scheduler, part, step, False, rank_dist)
-    ref, mine = reference.state_dict(), ranked.state_dict()
-    diff = max(float((mine[k] - ref[k]).abs().max()) for k in ref)
-    checksum = torch.tensor([float(sum(v.double().sum() for v in mine.values()))], dtype=torch.float64)
-    sums = [torch.zeros(1, dtype=torch.float64) for _ in range(dist.world)]
-    tdist.all_gather(sums, checksum)
-    moved = sum(not torch.equal(ref[k], initial[k]) for k in ref)
+            _train_step(cfg, net, optimizer, scheduler, dict(batch), step, False, rank_dist)
+    result = compare_with_reference(ranked.state_dict(), reference.state_dict(), initial)
     if dist.main:
-        out.write_text(json.dumps({"max_diff": diff, "rank_checksums": [float(s) for s in sums], "moved": moved,
-                                   "tensors": len(ref)}))  # fmt: skip
+        out.write_text(json.dumps(result))
     tdist.destroy_process_group()
 
 

@@ -3,7 +3,7 @@
 
 Two IQL updates (deterministic: no sampled actions) with each rank on half of a fixed batch and the
 gradients averaged over the ranks (values/agent.py), against the same updates of one agent on the
-whole batch; rank 0 writes the largest weight difference and rank 1 its weights' checksum to OUT.
+whole batch; rank 0 writes the comparison (tests/distributed.py `compare_with_reference`) to OUT.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ def main(out: Path) -> None:
     import torch.distributed as tdist
 
     from configs.distributed import setup_distributed
+    from tests.distributed import compare_with_reference
     from tests.values.helpers import LANG_DIM, small_value_config, value_batch
     from values.train import make_agent
 
@@ -34,16 +35,9 @@ def main(out: Path) -> None:
     for batch in data:
         reference.update(batch)  # the same whole batch on both ranks: averaging changes nothing
         ranked.update({k: v[2 * dist.rank : 2 * dist.rank + 2] for k, v in batch.items()})
-    ref, mine = reference.state_dict(), ranked.state_dict()
-    tensors = [k for k, v in ref.items() if isinstance(v, torch.Tensor) and v.is_floating_point()]
-    diff = max(float((mine[k] - ref[k]).abs().max()) for k in tensors)
-    checksum = torch.tensor([float(sum(mine[k].double().sum() for k in tensors))], dtype=torch.float64)
-    sums = [torch.zeros(1, dtype=torch.float64) for _ in range(dist.world)]
-    tdist.all_gather(sums, checksum)  # every rank holds the same weights after the averaged steps
-    moved = sum(not torch.equal(ref[k], initial[k]) for k in tensors)
+    result = compare_with_reference(ranked.state_dict(), reference.state_dict(), initial)
     if dist.main:
-        out.write_text(json.dumps({"max_diff": diff, "rank_checksums": [float(s) for s in sums],
-                                   "moved": moved, "tensors": len(tensors)}))  # fmt: skip
+        out.write_text(json.dumps(result))
     tdist.destroy_process_group()
 
 

@@ -183,6 +183,12 @@ def test_soft_update() -> None:
     before = a.weight.detach().clone()
     soft_update(a, b, 0.25)
     torch.testing.assert_close(a.weight, 0.75 * before + 0.25 * b.weight.detach())
+    # a frozen source parameter (a LoRA base weight, say) is never averaged: only trained ones move
+    b.bias.requires_grad_(False)
+    weight, bias = a.weight.detach().clone(), a.bias.detach().clone()
+    soft_update(a, b, 0.5)
+    torch.testing.assert_close(a.weight, 0.5 * weight + 0.5 * b.weight.detach())
+    assert torch.equal(a.bias, bias)
 
 
 def test_metrics_reference_values() -> None:
