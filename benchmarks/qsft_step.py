@@ -10,6 +10,9 @@ config, whose backbone is the `vla` policy's architecture. Milliseconds:
 - qsft_step:       one train_qsft step: p_theta over (s, a), pi_phi and the target over (s, a) and s'
                    (2B rows; pi_phi's s' prefix without a gradient), joint SFT of pi_phi, Polyak update;
                    and its ratio to sft_step,
+- qsft_step_frozen: the same with pi_phi trained beforehand (train_qsft behaviour=frozen): pi_phi and
+                   the target each one forward of 2B rows without a gradient, p_theta's step alone;
+                   and its ratio to sft_step,
 - prefix:          one model's `embed_prefix` of one observation (vision encoder, projector, prompt),
 - lm_decode[K] / lm_decode_pair[K]: the language-model part of decoding alone (prefill of a given
                    prefix, K rows, 6 one-token steps) for one model / both Q-SFT models as one stack,
@@ -19,10 +22,11 @@ config, whose backbone is the `vla` policy's architecture. Milliseconds:
 Each of the last three twice: fused (the default: the Llama LMs run through policies/llama_stack.py,
 both Q-SFT models as one stack) and `_hf` (transformers' forward, one model after the other).
 
-Goal (issue 6, GPU): qsft_step <= 2 x sft_step and qsft_select <= 1.5 x sft_decode. Q-SFT does
-three forwards (one of B, two of 2B rows) and two backwards of B rows where SFT does one of each
-(about 9 row-passes against 3, counting a backward as two forwards), so ~3x is the expected compute
-ratio; selection decodes two models, ~2x with `_hf`; fused, the two LMs cost about one in a
+Goal (issue 6, GPU): qsft_step <= 2 x sft_step and qsft_select <= 1.5 x sft_decode. Joint Q-SFT
+does four forwards (p_theta and pi_phi over B rows with a gradient, pi_phi over B next prefixes, the
+target over 2B rows) and two backwards where SFT does one of each (about 10 row-passes against 3,
+counting a backward as two forwards); frozen, three forwards (B, 2B, 2B rows) and one backward (7
+row-passes). Selection decodes two models, ~2x with `_hf`; fused, the two LMs cost about one in a
 launch-bound regime, and what is left is the second vision encoder (`prefix`).
 Writes benchmarks/results/qsft_step.json.
 """
@@ -103,6 +107,7 @@ def main() -> None:
     autocast = device.type == "cuda"
     opt_sft = torch.optim.AdamW(sft.parameters(), lr=1e-5)
     opt_qsft = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+    opt_q = torch.optim.AdamW([p for p in model.q.parameters() if p.requires_grad], lr=1e-5)
 
     def sft_step() -> None:
         with torch.autocast(device.type, torch.bfloat16, enabled=autocast):
@@ -119,12 +124,22 @@ def main() -> None:
         opt_qsft.step()
         model.update_target(0.005)
 
+    def qsft_step_frozen() -> None:
+        with torch.autocast(device.type, torch.bfloat16, enabled=autocast):
+            q_loss, _, _ = model.losses(batch, 0.98, 1e-4, train_behaviour=False)
+        opt_q.zero_grad(set_to_none=True)
+        q_loss.backward()
+        opt_q.step()
+        model.update_target(0.005)
+
     result: dict = {"label": args.label, "device": torch.cuda.get_device_name() if autocast else platform.processor(),
                     "size": args.size, "image_size": args.image_size, "batch": B,
                     "params_per_copy_M": sum(p.numel() for p in sft.parameters()) / 1e6}  # fmt: skip
     result["sft_step_ms"] = timed(sft_step, args.iters, args.warmup, sync)
     result["qsft_step_ms"] = timed(qsft_step, args.iters, args.warmup, sync)
     result["qsft_step_ratio"] = result["qsft_step_ms"] / result["sft_step_ms"]
+    result["qsft_step_frozen_ms"] = timed(qsft_step_frozen, args.iters, args.warmup, sync)
+    result["qsft_step_frozen_ratio"] = result["qsft_step_frozen_ms"] / result["sft_step_ms"]
     model.eval()
     one, text = batch["image"][:1], ["pick up the red cube"]
     with torch.inference_mode(), torch.autocast(device.type, torch.bfloat16, enabled=autocast):

@@ -4,8 +4,9 @@
 #     ONLY="value_train steer_latency" benchmarks/run_gpu.sh OUT_DIR     # some steps only
 # Each benchmark appends its JSON to OUT_DIR/<name>.json and its output to OUT_DIR/log.txt; one that
 # fails or runs out of time does not stop the rest, and steps that no longer fit the budget are skipped.
-# The value benchmark reads the synthetic bridge_dataset under .bench/value, written beforehand where
-# TensorFlow is installed (`python benchmarks/value_train.py --cache .bench/value --episodes 60 --data-only`),
+# The value benchmark reads the synthetic bridge_dataset under .bench/value/<EPISODES>ep (default 60), written
+# beforehand where TensorFlow is installed (`python benchmarks/value_train.py --cache .bench/value --episodes 60
+# --data-only`),
 # so nothing here needs TensorFlow or MuJoCo: python3 with a CUDA torch, timm, transformers, and
 # robosteer's small pure-Python dependencies (hydra-core, omegaconf, simplejpeg, lz4, google-crc32c).
 set -u
@@ -46,24 +47,27 @@ step() {  # step NAME LIMIT_SECONDS COMMAND...
     nproc
 } 2>&1 | tee -a "$log"
 
-vt="$py benchmarks/value_train.py --cache .bench/value --episodes 60 --workers 12"
-# most needed first (the budget skips what no longer fits): issue 4's end-to-end figure, the CUDA tests of
-# code never run on a GPU (fused decoding, bf16 GroupNorm), issue 6's step / selection, issue 5's latency
-step value_train 120 $vt --label "$label, eager" --out "$out/value_train.json"
+vt="$py benchmarks/value_train.py --cache .bench/value --episodes ${EPISODES:-60} --workers 12"
+# most needed first (the budget skips what no longer fits): issue 4's end-to-end figure (V-GPS's separate
+# encoders, then actor_encoder=critic), the CUDA tests of code never run on a GPU (fused decoding, the
+# critic's side stream), issue 6's step / selection, issue 5's latency, then where the update's time goes
+step value_train 100 $vt --steps 30 --warmup 5 --label "$label, eager" --out "$out/value_train.json"
+step value_train_shared 100 $vt --steps 30 --warmup 5 --actor-encoder critic --label "$label, eager, actor_encoder=critic" \
+    --out "$out/value_train.json"
 step gpu_tests 150 $py -m pytest -q -m gpu tests/gpu -p no:cacheprovider
-step qsft_step 120 $py benchmarks/qsft_step.py --label "$label" --out "$out/qsft_step.json"
-step steer_latency_graphs 100 $py benchmarks/steer_latency.py --cuda-graphs --label "$label, CUDA graphs" \
-    --out "$out/steer_latency_graphs.json"
-# where the update's time goes: agent.update alone, profiled, in each memory layout; cuDNN autotuning
-step value_variants 200 bash -c "
+step qsft_step 120 $py benchmarks/qsft_step.py --iters 10 --label "$label" --out "$out/qsft_step.json"
+step steer_latency_graphs 100 $py benchmarks/steer_latency.py --cuda-graphs --iters 30 --ks 1 10 50 100 \
+    --label "$label, CUDA graphs" --out "$out/steer_latency_graphs.json"
+# agent.update alone: torch.compile in NCHW (channels_last crashed in inductor on torch 2.11), channels_last
+# now that GroupNorm keeps bf16, and a profile of the default
+step value_variants 240 bash -c "
     $vt --model-only --steps 15 --warmup 5 --profile 3 --label '$label, NCHW' --out $out/value_variants.json
-    $vt --model-only --steps 15 --warmup 5 --profile 3 --channels-last --label '$label, channels_last' --out $out/value_variants.json
-    $vt --model-only --steps 15 --warmup 5 --cudnn-benchmark --label '$label, NCHW, cudnn.benchmark' --out $out/value_variants.json"
-step value_train_cudnn 120 $vt --cudnn-benchmark --label "$label, eager, cudnn.benchmark" --out "$out/value_train.json"
+    $vt --model-only --steps 15 --warmup 5 --channels-last --label '$label, channels_last' --out $out/value_variants.json
+    $vt --model-only --steps 15 --warmup 5 --actor-encoder critic --compile --label '$label, NCHW, actor_encoder=critic, torch.compile' --out $out/value_variants.json
+    $vt --model-only --steps 15 --warmup 5 --compile --label '$label, NCHW, torch.compile' --out $out/value_variants.json"
 step openvla_sampling 180 $py benchmarks/openvla_sampling.py --size real --iters 10 --label "$label, OpenVLA-7B shape" \
     --out "$out/openvla_sampling.json"
 step openvla_sampling_hf 120 $py benchmarks/openvla_sampling.py --size real --iters 5 --ks 10 --decoder transformers \
     --label "$label, OpenVLA-7B shape, transformers decoder" --out "$out/openvla_sampling_hf.json"
 step steer_latency 100 $py benchmarks/steer_latency.py --label "$label" --out "$out/steer_latency.json"
-step value_train_compile 200 $vt --compile --label "$label, torch.compile" --out "$out/value_train.json"
 echo "=== all done at $(($(date +%s) - start))s" | tee -a "$log"

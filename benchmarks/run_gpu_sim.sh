@@ -3,7 +3,8 @@
 # Carry .whl_sim and .gl (made here by benchmarks/prepare_gpu_sim.sh), then there:
 #     bash benchmarks/run_gpu_sim.sh OUT_DIR [LABEL]
 # SKIP_GL=1 leaves the debs alone (a dry run on a machine whose / must not change); PYTHON picks the
-# interpreter and WHEELS the wheel folder (default .whl_sim).
+# interpreter and WHEELS the wheel folder (default .whl_sim); WORKERS, SIZES and SECONDS_PER the
+# measurements (default 1 4 8 16 workers, 0 and 128 px, 8 s each), SIM_SECONDS_LIMIT their time limit.
 set -u
 out=${1:?usage: benchmarks/run_gpu_sim.sh OUT_DIR [LABEL]}
 label=${2:-GPU machine, NVIDIA EGL}
@@ -23,8 +24,8 @@ if [[ -z "${SKIP_GL:-}" ]]; then
 fi
 $py -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/simsite "$wheels"/*.whl ||
     exit 1
-export PYTHONPATH=/tmp/simsite:$PWD MUJOCO_GL=egl PYOPENGL_PLATFORM=egl PYTHONUNBUFFERED=1
+export PYTHONPATH=/tmp/simsite:$PWD${PYTHONPATH:+:$PYTHONPATH} MUJOCO_GL=egl PYOPENGL_PLATFORM=egl PYTHONUNBUFFERED=1
 $py -c "import mujoco, robosuite; print('mujoco', mujoco.__version__, 'robosuite', robosuite.__version__)" || exit 1
 nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null
 timeout -k 5 "${SIM_SECONDS_LIMIT:-420}" $py benchmarks/sim_throughput.py --workers ${WORKERS:-1 4 8 16} \
-    --sizes 0 128 --seconds "${SECONDS_PER:-8}" --repeats 1 --label "$label" --out "$out/sim_throughput.json"
+    --sizes ${SIZES:-0 128} --seconds "${SECONDS_PER:-8}" --repeats 1 --label "$label" --out "$out/sim_throughput.json"

@@ -14,7 +14,9 @@ from the value config (`values.critic.random_critic`: FiLM ResNet, GroupNorm, co
 
 - policy:            `policy.act(obs)`, one sample (the base policy alone),
 - steered[K]:        `ValueSteeredPolicy(policy, critic, K).act(obs)`: K samples in one batch, critic
-                     scores of their first actions, argmax; and its ratio to `policy`,
+                     scores of their first actions, argmax; and its ratio to `policy` (on a GPU the
+                     critic's encoder runs on a side stream, alongside the policy: `overlap`),
+- steered_serial[K]: the same with the encoder on the main stream, before the policy (GPU only),
 - critic_score_50:   `CriticScorer.score(obs, 50 actions)`: host -> device, encode the image once,
                      the heads over 50 actions, scores back to the host,
 - critic_encoder / critic_heads_50: those two parts alone, on device tensors.
@@ -129,6 +131,12 @@ def run(args: argparse.Namespace) -> dict:
         steered.reset(obs["instruction"])
         ms = timed(lambda s=steered: s.act(obs), args.iters, args.warmup, sync)
         result["steered"][str(k)] = {"ms": ms, "ratio": ms["mean"] / result["policy_ms"]["mean"]}
+        if critic.stream is not None:  # the same without the side stream
+            stream, critic.stream = critic.stream, None
+            ms = timed(lambda s=steered: s.act(obs), args.iters, args.warmup, sync)
+            critic.stream = stream
+            serial = result.setdefault("steered_serial", {})
+            serial[str(k)] = {"ms": ms, "ratio": ms["mean"] / result["policy_ms"]["mean"]}
     result.update(critic_parts(critic, obs, args, sync))
     result["params"] = {"policy": policy_params, "critic": critic_params}
     cpu = f"cpu ({torch.get_num_threads()} threads)"
@@ -197,6 +205,8 @@ def report(r: dict) -> str:
     ]
     for k, s in r["steered"].items():
         lines.append(f"  steered K={k:<4}         {s['ms']['mean']:8.2f} ms  ({s['ratio']:.2f}x)")
+    for k, s in r.get("steered_serial", {}).items():
+        lines.append(f"  serial  K={k:<4}         {s['ms']['mean']:8.2f} ms  ({s['ratio']:.2f}x)")
     for key in ("critic_score_50_ms", "critic_encoder_ms", "critic_heads_50_ms"):
         lines.append(f"  {key[:-3]:<22} {r[key]['mean']:8.2f} ms")
     return "\n".join(lines)

@@ -14,7 +14,9 @@ Measured, in samples (transitions) per second, each after --warmup steps:
 - data:        the loader alone (batches as the trainer receives them, on the host),
 - model:       `agent.update` alone on one batch already on the device (no data at all),
 - end_to_end:  the train_value loop: loader -> device -> embeddings -> negatives -> augment -> update,
-and per-step milliseconds of that loop split into `wait_data` (blocked on the loader), `to_device`
+               as train_value runs it (the host waits for the GPU only at the end),
+- end_to_end_synced: the same loop, the GPU synchronised after each part, to give
+per-step milliseconds of that loop split into `wait_data` (blocked on the loader), `to_device`
 (copies, embedding lookup, relabelling, augmentation) and `update` (forward, backward, optimiser, target
 networks; CUDA synchronised so the time lands in the right bucket). `--profile N` adds the 15 ops with the
 most device time over N updates (torch.profiler); `--model-only` measures the update alone.
@@ -51,6 +53,8 @@ def parse() -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=50, help="measured steps per configuration")
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--compile", action="store_true")
+    p.add_argument("--actor-encoder", default="separate", choices=["separate", "critic"],
+                   help="value.actor_encoder: the actor's own ResNet (V-GPS) or the critic's embedding")  # fmt: skip
     p.add_argument("--no-bf16", action="store_true")
     p.add_argument("--channels-last", action="store_true", help="as train_value channels_last=true")
     p.add_argument("--cache", default=str(Path(tempfile.gettempdir()) / "robosteer_bench_value"))
@@ -81,6 +85,7 @@ def config(args: argparse.Namespace, data_dir: str):
         f"data.loader={args.loader}", f"value={args.algo}", f"value.encoder.arch={args.arch}",
         f"batch_size={args.batch}", f"device={args.device}", f"compile={args.compile}",
         f"bf16={not args.no_bf16}", f"channels_last={args.channels_last}",
+        f"value.actor_encoder={args.actor_encoder}",
     ]  # fmt: skip
     with initialize_config_dir(config_dir=str(REPO / "configs"), version_base=None):
         return compose("train_value", overrides=overrides)
@@ -91,11 +96,12 @@ def main() -> None:
     import torch
     from data_throughput import build_dataset
 
+    from configs.distributed import resolve_device, setup_distributed
     from data.loader import build_datasets, make_loader
     from data.prepare import prepare_data
     from values.agent import step_generator
     from values.language import EmbeddingCache, make_language_encoder
-    from values.train import make_agent, relabel_negatives, resolve_device, setup_distributed, to_device
+    from values.train import compile_encoders, make_agent, relabel_negatives, to_device
 
     data_dir = build_dataset(Path(args.cache) / f"{args.episodes}ep", args.episodes, 1)
     if args.data_only:
@@ -116,8 +122,7 @@ def main() -> None:
     if cfg.channels_last:
         agent.to(memory_format=torch.channels_last)
     if cfg.compile:
-        for net in (m for m in agent.children() if hasattr(m, "encoder")):
-            net.encoder = torch.compile(net.encoder)
+        compile_encoders(agent)
 
     total = args.warmup + args.steps
 
@@ -171,8 +176,10 @@ def main() -> None:
         result["profile_top_ops"] = top_ops
     if not args.model_only:
         result["samples_per_s"]["data"] = round(data_rate, 1)
-        rate, result["ms_per_step"] = end_to_end(args, loader, prepare, agent, sync)
-        result["samples_per_s"]["end_to_end"] = rate
+        result["samples_per_s"]["end_to_end"], _ = end_to_end(args, loader, prepare, agent, sync, split=False)
+        result["samples_per_s"]["end_to_end_synced"], result["ms_per_step"] = end_to_end(
+            args, loader, prepare, agent, sync, split=True
+        )
     print(json.dumps(result, indent=2))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -204,8 +211,10 @@ def profile(agent, batch: dict, steps: int, sync) -> list[dict]:
              "share": round(device_us(e) / total, 4), "calls_per_update": e.count // steps} for e in top]  # fmt: skip
 
 
-def end_to_end(args: argparse.Namespace, loader, prepare, agent, sync) -> tuple[float, dict]:
-    """The train_value loop, with the time split into waiting for data, moving/augmenting it, and the update."""
+def end_to_end(args: argparse.Namespace, loader, prepare, agent, sync, split: bool) -> tuple[float, dict]:
+    """The train_value loop: samples/s, and with `split` the time of a step split into waiting for data,
+    moving/augmenting it, and the update (CUDA synchronised between the parts, so each lands in its
+    bucket; without `split` nothing waits for the GPU but the loop's end, as in train_value)."""
     total = args.warmup + args.steps
     parts = {"wait_data": 0.0, "to_device": 0.0, "update": 0.0}
     it = loader(total)
@@ -219,14 +228,17 @@ def end_to_end(args: argparse.Namespace, loader, prepare, agent, sync) -> tuple[
         raw = next(it)
         t1 = time.perf_counter()
         batch = prepare(raw, step)
-        sync()
+        if split:
+            sync()
         t2 = time.perf_counter()
         agent.update(batch, metrics=(step + 1) % 100 == 0)
-        sync()
+        if split:
+            sync()
         t3 = time.perf_counter()
         parts["wait_data"] += t1 - t0
         parts["to_device"] += t2 - t1
         parts["update"] += t3 - t2
+    sync()
     elapsed = time.perf_counter() - start
     return round(args.steps * args.batch / elapsed, 1), {k: round(1000 * v / args.steps, 2) for k, v in parts.items()}
 

@@ -181,6 +181,9 @@ class SteerConfig:
     # 1.34x the policy's step with graphs, 2.13x without; docs/steering.md).
     bf16: bool = True
     cuda_graphs: bool = True
+    # GPU only: encode the observation on a side CUDA stream while the policy samples its candidates
+    # (false: the encoder runs before the policy on the same stream); docs/steering.md.
+    overlap: bool = True
     # Executing the chosen chunk (policies/chunking.py): re-steer every exec_horizon steps; or
     # temporal ensembling of the chosen chunks (V-GPS feeds them to Octo's ActionEnsembler, temp 0).
     exec_horizon: int = 1

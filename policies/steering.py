@@ -253,7 +253,8 @@ def make_steered_policy(base: Policy, options: Any) -> ValueSteeredPolicy:
         from policies.learned import resolve_device
         from values.critic import load_critic
 
-        critic = load_critic(cfg.critic, resolve_device(cfg.device), cfg.params, cfg.dataset, cfg.bf16, cfg.cuda_graphs)
+        critic = load_critic(cfg.critic, resolve_device(cfg.device), cfg.params, cfg.dataset, cfg.bf16, cfg.cuda_graphs,
+                             cfg.overlap)  # fmt: skip
     log.info("steering with critic %s: K=%d, beta=%g", cfg.critic, cfg.k, cfg.beta)
     return ValueSteeredPolicy(base, critic, cfg.k, cfg.beta, cfg.seed, cfg.exec_horizon, cfg.ensemble,
                               cfg.ensemble_temp, critic_name=cfg.critic)  # fmt: skip

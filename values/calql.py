@@ -93,7 +93,9 @@ class CalQLAgent(Agent):
         super().__init__(cfg, discount, seed)
         self.critic = Critic(FiLMResNet(cfg.encoder, lang_dim, channels_last), cfg.hidden, cfg.ensemble)
         self.target = copy.deepcopy(self.critic).requires_grad_(False)
-        self.actor = Actor(FiLMResNet(cfg.encoder, lang_dim, channels_last), cfg.hidden, tanh_squash=True)
+        self.shared = cfg.actor_encoder == "critic"  # the actor reads the critic's embeddings
+        encoder = None if self.shared else FiLMResNet(cfg.encoder, lang_dim, channels_last)
+        self.actor = Actor(encoder, cfg.hidden, tanh_squash=True, in_dim=self.critic.encoder.out_dim)
         self.log_alpha = torch.nn.Parameter(torch.tensor(math.log(cfg.init_temperature)))
         self.make_optimizer(
             [
@@ -109,16 +111,24 @@ class CalQLAgent(Agent):
         B = a.shape[0]
         # the actor over s with a gradient; over s' without one: a single pass over both (2B rows) would
         # run its backward over all 2B, half of them with a zero gradient (GroupNorm: rows are independent)
-        mean, std = self.actor(s, lang)
+        if self.shared:  # actor_encoder=critic: the critic's embedding of s, the target's of s', no gradient
+            emb = self.critic.embed(s, lang)
+            mean, std = self.actor.head(emb.detach())
+        else:
+            mean, std = self.actor(s, lang)
         a_cur, logp_cur = self.actor.sample(mean, std, n, g)  # (n, B, 7), (n, B); keeps gradient
         with torch.no_grad():
-            a_next, logp_next = self.actor.sample(*self.actor(s_next, lang), n, g)
+            emb_next = self.target.embed(s_next, lang)
+            a_next, logp_next = self.actor.sample(
+                *(self.actor.head(emb_next) if self.shared else self.actor(s_next, lang)), n, g
+            )
             a_next, logp_next = a_next.transpose(0, 1), logp_next.T  # (B, n, 7), (B, n)
             # max-target backup over the n samples, or a single sample (the first) without it
             backup = a_next if cfg.cql_max_target_backup else a_next[:, :1]
-            target_q = self.target.q_from_embedding(self.target.embed(s_next, lang), backup).float()
+            target_q = self.target.q_from_embedding(emb_next, backup).float()
             y = td_target(batch["reward"], batch["terminal"], max_target_backup(target_q), self.discount)
-        emb = self.critic.embed(s, lang)
+        if not self.shared:
+            emb = self.critic.embed(s, lang)
         a_rand = uniform_actions((B, n, 7), g, a.device)
         candidates = torch.cat([a.unsqueeze(1), a_rand, a_cur.detach().transpose(0, 1), a_next], dim=1)
         q_all = self.critic.q_from_embedding(emb, candidates).float()  # (E, B, 1 + 3n)

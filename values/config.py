@@ -76,6 +76,12 @@ class ValueConfig:
     # Fraction of each batch whose instruction is replaced by another one (reward = failure,
     # MC return = step_reward / (1 - discount)); V-GPS: 0.0 for Cal-QL, 0.1 for IQL.
     negative_proportion: float = 0.0
+    # The actor's (and IQL's V's) image encoder: "separate" (V-GPS: each network its own ResNet) or
+    # "critic": their MLPs read the critic's embedding, without a gradient into it (the online
+    # critic's where they train, the target critic's where they give targets). Steering uses the
+    # critic alone; "critic" halves the encoder passes per update (Cal-QL 8 -> 4, IQL 11 -> 5 batch
+    # passes, a backward counted as two), so training runs ~2x faster (docs/values.md). Not V-GPS's recipe.
+    actor_encoder: str = "separate"
     # Image augmentation (V-GPS: random resized crop scale [0.8, 1], colour jitter), same for s, s'.
     augment: bool = True
     language: LanguageConfig = field(default_factory=LanguageConfig)

@@ -12,7 +12,10 @@ use the target critic's parameters and the minimum over the ensemble. Images of 
 the critic was trained on are resized (antialiased) first.
 
 Scoring is two calls, `embed_batch(observations) -> (N, F)` and `score_embedded(emb, actions)`, so
-that steering can launch the encoder before the policy samples (they overlap on a GPU). On a GPU,
+that steering can launch the encoder before the policy samples. On a GPU the encoder runs on a side
+CUDA stream (`overlap=True`), so it executes *while* the policy's kernels run on the main stream, and
+`score_embedded` waits for it: a batch-1 ResNet and a batch-K policy each leave most of the GPU idle,
+so steering then costs about the heads alone on top of the policy. On a GPU,
 `bf16=True` runs the critic under bf16 autocast (as train_value trains it), and `cuda_graphs=True`
 captures the encoder (per N) and the heads (per N, K) as CUDA graphs and replays them: an eager
 ResNet-34 at batch 1 is dominated by kernel launches, not arithmetic (benchmarks/steer_latency.py).
@@ -44,7 +47,7 @@ class CriticScorer:
 
     def __init__(
         self, critic: Critic, normalizer: ActionNormalizer, language: EmbeddingCache, image_shape: Sequence[int],
-        bf16: bool = False, cuda_graphs: bool = False,
+        bf16: bool = False, cuda_graphs: bool = False, overlap: bool = True,
     ) -> None:  # fmt: skip
         self.critic, self.normalizer, self.language = critic.eval(), normalizer, language
         self.image_shape = tuple(image_shape)
@@ -52,6 +55,8 @@ class CriticScorer:
         on_gpu = self.device.type == "cuda"
         self.bf16, self.cuda_graphs = bf16 and on_gpu, cuda_graphs and on_gpu  # CPU: plain fp32 eager
         self._graphs: dict[tuple, CudaGraphed] = {}
+        # the encoder's side stream (None: the encoder runs on the main stream, before the policy's kernels)
+        self.stream = torch.cuda.Stream(self.device) if on_gpu and overlap else None
 
     @torch.no_grad()
     def q(self, images: torch.Tensor, lang: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
@@ -73,12 +78,24 @@ class CriticScorer:
     def embed_batch(self, observations: Sequence[dict[str, Any]]) -> torch.Tensor:
         """(N, F) embeddings of N observations: each image and instruction encoded once.
 
-        On a GPU this only launches the work; called before the policy samples its candidates, the
-        encoder runs while the CPU launches the policy's kernels (policies/steering.py).
+        On a GPU this only launches the work, on the side stream: called before the policy samples its
+        candidates (policies/steering.py), the encoder runs alongside the policy's kernels.
+        `score_embedded` makes the main stream wait for it.
         """
         images = torch.from_numpy(np.stack([np.asarray(o["image_primary"]) for o in observations]))
         lang = torch.stack([self.language.get(o["instruction"]) for o in observations])
-        return self._run(self._embed, self._images(images.to(self.device)), lang)
+        images = self._images(images.to(self.device))
+        if self.stream is None:
+            return self._run(self._embed, images, lang)
+        main = torch.cuda.current_stream(self.device)
+        self.stream.wait_stream(main)  # the inputs were made on the main stream
+        with torch.cuda.stream(self.stream):
+            emb = self._run(self._embed, images, lang)
+        # the caching allocator must not hand these blocks out again before the other stream is done
+        images.record_stream(self.stream)
+        lang.record_stream(self.stream)
+        emb.record_stream(main)
+        return emb
 
     @torch.no_grad()
     def score_embedded(self, emb: torch.Tensor, actions: np.ndarray | torch.Tensor) -> torch.Tensor:
@@ -92,6 +109,8 @@ class CriticScorer:
             norm = self.normalizer.normalize(actions.to(self.device, torch.float32))
         else:  # normalise on the host: one transfer instead of one per statistic
             norm = torch.from_numpy(self.normalizer.normalize(actions)).to(self.device)
+        if self.stream is not None:
+            torch.cuda.current_stream(self.device).wait_stream(self.stream)  # the embedding is ready
         return self._run(self._heads, emb, norm)
 
     def _run(self, fn: Callable[..., torch.Tensor], *inputs: torch.Tensor) -> torch.Tensor:
@@ -152,7 +171,7 @@ class CudaGraphed:
 
 def load_critic(
     path: str | Path, device: str | torch.device = "cpu", params: str = "target", dataset: str | None = None,
-    bf16: bool = False, cuda_graphs: bool = False,
+    bf16: bool = False, cuda_graphs: bool = False, overlap: bool = True,
 ) -> CriticScorer:  # fmt: skip
     """Load the critic of a run directory or checkpoint; `params` "target" (V-GPS) or "online".
 
@@ -181,12 +200,14 @@ def load_critic(
     critic.load_state_dict({k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)})
     critic.to(device)
     normalizer = ActionNormalizer(stats[name], cfg.data.normalization, source=f"{ckpt} statistics of {name}")
-    return CriticScorer(critic, normalizer, EmbeddingCache(encoder, device), meta["image_shape"], bf16, cuda_graphs)
+    language = EmbeddingCache(encoder, device)
+    return CriticScorer(critic, normalizer, language, meta["image_shape"], bf16, cuda_graphs, overlap)
 
 
 def random_critic(
     cfg: Any, stats: dict[str, Any], image_size: int, normalization: str = "bounds_q99",
     device: str | torch.device = "cpu", seed: int = 0, bf16: bool = False, cuda_graphs: bool = False,
+    overlap: bool = True,
 ) -> CriticScorer:  # fmt: skip
     """An untrained critic of value config `cfg` (a ValueConfig or its node) with one dataset's `stats`.
 
@@ -199,4 +220,4 @@ def random_critic(
         critic = Critic(FiLMResNet(cfg.encoder, encoder.dim), cfg.hidden, cfg.ensemble).to(device)
     normalizer = ActionNormalizer(stats, normalization, source="random_critic statistics")
     return CriticScorer(critic, normalizer, EmbeddingCache(encoder, device), (image_size, image_size, 3), bf16,
-                        cuda_graphs)  # fmt: skip
+                        cuda_graphs, overlap)  # fmt: skip

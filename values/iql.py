@@ -49,8 +49,14 @@ class IQLAgent(Agent):
         super().__init__(cfg, discount, seed)
         self.critic = Critic(FiLMResNet(cfg.encoder, lang_dim, channels_last), cfg.hidden, cfg.ensemble)
         self.target = copy.deepcopy(self.critic).requires_grad_(False)
-        self.value = ValueNet(FiLMResNet(cfg.encoder, lang_dim, channels_last), cfg.hidden)
-        self.actor = Actor(FiLMResNet(cfg.encoder, lang_dim, channels_last), cfg.hidden, tanh_squash=False)
+        self.shared = cfg.actor_encoder == "critic"  # V and the actor read the critic's embeddings
+        width = self.critic.encoder.out_dim
+
+        def encoder() -> FiLMResNet | None:
+            return None if self.shared else FiLMResNet(cfg.encoder, lang_dim, channels_last)
+
+        self.value = ValueNet(encoder(), cfg.hidden, in_dim=width)
+        self.actor = Actor(encoder(), cfg.hidden, tanh_squash=False, in_dim=width)
         self.make_optimizer(
             [
                 {"params": list(self.critic.parameters()), "lr": cfg.critic_lr},
@@ -61,14 +67,23 @@ class IQLAgent(Agent):
 
     def losses(self, batch: dict[str, torch.Tensor], g: torch.Generator) -> tuple[torch.Tensor, dict]:
         s, s_next, lang, a = batch["image"], batch["next_image"], batch["lang"], batch["action"]
-        v = self.value(s, lang)
-        with torch.no_grad():
-            next_v = self.value(s_next, lang)  # V(s') is a target: no backward over these rows
-            q_target = self.target.q(s, lang, a).float().min(dim=0).values
+        if self.shared:  # actor_encoder=critic: heads over the critic's embedding of s, the target's elsewhere
+            emb = self.critic.embed(s, lang)
+            v = self.value.head(emb.detach())
+            with torch.no_grad():
+                next_v = self.value.head(self.target.embed(s_next, lang))
+                q_target = self.target.q(s, lang, a).float().min(dim=0).values
+            q = self.critic.q_from_embedding(emb, a).float()
+            mean, std = self.actor.head(emb.detach())
+        else:
+            v = self.value(s, lang)
+            with torch.no_grad():
+                next_v = self.value(s_next, lang)  # V(s') is a target: no backward over these rows
+                q_target = self.target.q(s, lang, a).float().min(dim=0).values
+            q = self.critic.q(s, lang, a).float()
+            mean, std = self.actor(s, lang)
         value_loss = expectile_loss(q_target - v, self.cfg.expectile)
-        q = self.critic.q(s, lang, a).float()
         critic_loss, y = q_loss(q, batch["reward"], batch["terminal"], next_v, self.discount)
-        mean, std = self.actor(s, lang)
         actor_loss, weight = awr_loss(q_target - v, self.actor.log_prob(mean, std, a), self.cfg.awr_temperature)
         metrics = {
             "critic_loss": critic_loss, "value_loss": value_loss, "actor_loss": actor_loss, "q_data": q.mean(),

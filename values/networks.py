@@ -162,17 +162,27 @@ class Critic(nn.Module):
 
 
 class Actor(nn.Module):
-    """Gaussian policy over normalised actions, tanh-squashed (SAC / Cal-QL) or not (IQL's AWR)."""
+    """Gaussian policy over normalised actions, tanh-squashed (SAC / Cal-QL) or not (IQL's AWR).
 
-    def __init__(self, encoder: FiLMResNet, hidden: Sequence[int], tanh_squash: bool = True) -> None:
+    `encoder=None` (value.actor_encoder=critic): no encoder of its own; `head` reads an embedding
+    given by the agent (the critic's), of size `in_dim`.
+    """
+
+    def __init__(
+        self, encoder: FiLMResNet | None, hidden: Sequence[int], tanh_squash: bool = True, in_dim: int = 0
+    ) -> None:
         super().__init__()
         self.encoder = encoder
-        self.mlp = EnsembleMLP(1, encoder.out_dim, hidden, 2 * ACTION_DIM)
+        self.mlp = EnsembleMLP(1, encoder.out_dim if encoder is not None else in_dim, hidden, 2 * ACTION_DIM)
         self.tanh_squash = tanh_squash
 
     def forward(self, images: torch.Tensor, lang: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """-> mean (B, 7) and std (B, 7) of the pre-squash Gaussian ("exp" std, log-std in [-20, 2])."""
-        mean, log_std = self.mlp(self.encoder(images, lang))[0].float().chunk(2, dim=-1)
+        return self.head(self.encoder(images, lang))
+
+    def head(self, emb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The same from an embedding (B, F)."""
+        mean, log_std = self.mlp(emb)[0].float().chunk(2, dim=-1)
         return mean, log_std.clamp(-20.0, 2.0).exp()
 
     def sample(
@@ -197,15 +207,18 @@ class Actor(nn.Module):
 
 
 class ValueNet(nn.Module):
-    """V(s, l) for IQL: FiLM encoder + MLP -> (B,)."""
+    """V(s, l) for IQL: FiLM encoder + MLP -> (B,); `encoder=None`: `head` over a given embedding (see Actor)."""
 
-    def __init__(self, encoder: FiLMResNet, hidden: Sequence[int]) -> None:
+    def __init__(self, encoder: FiLMResNet | None, hidden: Sequence[int], in_dim: int = 0) -> None:
         super().__init__()
         self.encoder = encoder
-        self.mlp = EnsembleMLP(1, encoder.out_dim, hidden, 1)
+        self.mlp = EnsembleMLP(1, encoder.out_dim if encoder is not None else in_dim, hidden, 1)
 
     def forward(self, images: torch.Tensor, lang: torch.Tensor) -> torch.Tensor:
-        return self.mlp(self.encoder(images, lang))[0, :, 0].float()
+        return self.head(self.encoder(images, lang))
+
+    def head(self, emb: torch.Tensor) -> torch.Tensor:
+        return self.mlp(emb)[0, :, 0].float()
 
 
 @torch.no_grad()

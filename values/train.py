@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 from configs.checkpoint import latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint
 from configs.distributed import Distributed, main_first, run_directory, start_training
+from configs.errors import UserError
 from configs.registry import Registry
 from configs.run import log_file, save_config, tensorboard_writer
 from data.augment import augment_pair
@@ -39,8 +40,20 @@ AGENTS.register("iql")("values.iql.IQLAgent")
 def make_agent(cfg: ValueConfig, lang_dim: int, discount: float, seed: int, channels_last: bool) -> Agent:
     import importlib
 
+    if cfg.actor_encoder not in ("separate", "critic"):
+        raise UserError(
+            f"value.actor_encoder={cfg.actor_encoder!r}: choose separate (V-GPS) or critic (shared, faster)."
+        )
     module, _, name = AGENTS.get(cfg.algo).rpartition(".")
     return getattr(importlib.import_module(module), name)(cfg, lang_dim, discount, seed, channels_last)
+
+
+def compile_encoders(agent: Agent) -> None:
+    """torch.compile every image encoder of the agent, in place (`Module.compile`: the state-dict keys stay
+    those of an uncompiled agent, so checkpoints load either way)."""
+    for net in agent.children():
+        if getattr(net, "encoder", None) is not None:
+            net.encoder.compile()
 
 
 # --- batches ----------------------------------------------------------------------------------
@@ -127,8 +140,7 @@ def train_value(cfg: TrainValueConfig) -> Path:
     if cfg.channels_last:
         agent.to(memory_format=torch.channels_last)
     if cfg.compile:
-        for net in (m for m in agent.children() if hasattr(m, "encoder")):
-            net.encoder = torch.compile(net.encoder)
+        compile_encoders(agent)
     start = _resume(agent, run_dir, device)
     state = {"prepared": prepared, "train": train_data, "language": language, "run_dir": run_dir}
     save_config(cfg, run_dir) if dist.main else None

@@ -114,6 +114,34 @@ def test_steering_scores_on_cuda_match_cpu_with_bf16_and_cuda_graphs_close() -> 
     np.testing.assert_allclose(graphs, bf16, rtol=1e-2, atol=1e-2)
 
 
+@pytest.mark.parametrize("cuda_graphs", [False, True])
+def test_steering_side_stream_scores_equal_the_serial_ones(cuda_graphs: bool) -> None:
+    """The encoder on the side stream (overlap) gives the serial scores, step after step, while the
+    main stream is kept busy by a long matmul chain between embed_batch and score_embedded (a missing
+    wait or a reused buffer would show as wrong or stale scores)."""
+    from tests.policies.conftest import fake_stats
+    from values.critic import random_critic
+
+    cfg, stats = small_value_config("calql"), fake_stats()["sim"]
+    rng = np.random.default_rng(1)
+    overlap = random_critic(cfg, stats, 64, device="cuda", seed=5, bf16=True, cuda_graphs=cuda_graphs)
+    serial = random_critic(cfg, stats, 64, device="cuda", seed=5, bf16=True, cuda_graphs=cuda_graphs, overlap=False)
+    assert overlap.stream is not None and serial.stream is None
+    busy = torch.randn(2048, 2048, device="cuda")
+    for _ in range(4):
+        obs = [{"image_primary": rng.integers(0, 256, (64, 64, 3), dtype=np.uint8), "instruction": "lift the cube"}
+               for _ in range(3)]  # fmt: skip
+        actions = rng.normal(0, 0.01, (3, 10, 7)).astype(np.float32)
+        emb = overlap.embed_batch(obs)
+        x = busy
+        for _ in range(20):  # "the policy" on the main stream
+            x = torch.tanh(x @ busy)
+        got = overlap.score_embedded(emb, actions).cpu()
+        want = serial.score_batch(obs, actions).cpu()
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        assert want[:, 0].unique().numel() == 3  # each image its own embedding: a stale one would show
+
+
 @pytest.mark.parametrize("name", ["flow", "vla"])
 def test_own_generalists_sample_on_cuda(name: str, tmp_path: Path) -> None:
     from policies.base import make_policy

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 import pytest
@@ -176,6 +177,54 @@ def test_next_state_pass_runs_without_gradient(algo: str) -> None:
     else:
         apart = torch.cat(apart)
     torch.testing.assert_close(both, apart, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("algo", ["calql", "iql"])
+def test_actor_encoder_critic_shares_the_critic_embedding_without_training_it(algo: str) -> None:
+    """value.actor_encoder=critic: the only encoder passes are the critic's over s (with a gradient) and
+    the target's (s', and s for IQL, without one); the actor's (and V's) losses send no gradient into
+    the critic's encoder; an update trains, and a state dict restores it exactly."""
+    from dataclasses import replace
+
+    from configs.errors import UserError
+    from values.networks import FiLMResNet
+    from values.train import make_agent
+
+    cfg = replace(small_value_config(algo, "resnet10t"), actor_encoder="critic")
+
+    def agent() -> Any:
+        torch.manual_seed(0)
+        return make_agent(cfg, LANG_DIM, 0.98, seed=0, channels_last=False)
+
+    first = agent()
+    assert first.actor.encoder is None and (algo == "calql" or first.value.encoder is None)
+    assert not any(k.startswith(("actor.encoder", "value.encoder")) for k in first.state_dict())
+    calls: list[tuple[str, int, bool]] = []
+    for name, module in first.named_modules():
+        if isinstance(module, FiLMResNet):
+            module.register_forward_hook(
+                lambda m, args, out, name=name: calls.append((name, len(args[0]), torch.is_grad_enabled()))
+            )
+    batch = value_batch(4, 32)
+    _, metrics = first.losses(batch, torch.Generator().manual_seed(0))
+    expected = [("critic.encoder", 4, True), ("target.encoder", 4, False)]
+    assert sorted(calls) == sorted(expected + ([("target.encoder", 4, False)] if algo == "iql" else []))
+    encoder = list(first.critic.encoder.parameters())
+    heads = ["actor_loss"] + (["value_loss"] if algo == "iql" else [])
+    for name in heads:
+        grads = torch.autograd.grad(metrics[name], encoder, allow_unused=True, retain_graph=True)
+        assert all(g is None or not g.any() for g in grads), name
+    assert any(g is not None and g.any() for g in torch.autograd.grad(metrics["critic_loss"], encoder))
+    before = [p.detach().clone() for p in first.actor.parameters()]
+    for step in range(2):
+        assert all(np.isfinite(v) for v in first.update(value_batch(4, 32, seed=step)).values())
+    assert any(not torch.equal(b, p) for b, p in zip(before, first.actor.parameters(), strict=True))
+    second = agent()
+    second.load_state_dict(first.state_dict())
+    m1, m2 = first.update(value_batch(4, 32, seed=9)), second.update(value_batch(4, 32, seed=9))
+    assert m1 == m2
+    with pytest.raises(UserError, match="actor_encoder"):
+        make_agent(replace(cfg, actor_encoder="shared"), LANG_DIM, 0.98, seed=0, channels_last=False)
 
 
 def test_soft_update() -> None:
