@@ -10,7 +10,10 @@
 - runner: `sim.runner.Runner` with W workers running episodes of the same task (SimEnv: action
           conversion, image flip, state, privileged poses) for a trivial policy (zero action, open
           gripper) that the main process calls once per control step for every worker; the
-          observations, images included, travel through the workers' pipes.
+          observations, images included, travel through the workers' pipes. Rounds of
+          `--per-worker` episodes per worker. Measured as evaluations run it (`lockstep=true`: each
+          policy call waits for every worker) and, for W > 1, with `lockstep=false` (the policy acts
+          on the workers that have replied; `runner_async_*`).
 
 Goal (issue 3): runner >= 80% of raw at every W. Each measurement runs for about `--seconds` (whole
 episodes) after a warm-up episode; raw and runner alternate `--repeats` times and the best of each
@@ -119,20 +122,27 @@ class Still(Policy):
         return action
 
 
-def measure_runner(task: str, size: int, workers: int, seconds: float) -> tuple[float, float]:
-    """(steps/s of the runner with `workers` workers, CPU ms per step of workers + main process)."""
+def measure_runner(
+    task: str, size: int, workers: int, seconds: float, lockstep: bool = True, per_worker: int = 3
+) -> tuple[float, float]:
+    """(steps/s of the runner with `workers` workers, CPU ms per step of workers + main process).
+
+    Rounds of `per_worker` episodes per worker, as an evaluation runs many episodes per worker: in the
+    last episodes of a round some workers have nothing left to run.
+    """
     from sim.runner import Runner, episode_specs
 
     cfg = SimConfig(task=task, image_size=max(size, 8), render=size > 0, terminate_on_success=False)
     policy = Still()
-    with Runner(functools.partial(make_timed_env, cfg), workers=workers) as runner:
+    with Runner(functools.partial(make_timed_env, cfg), workers=workers, lockstep=lockstep) as runner:
         list(runner.run(episode_specs([task], workers, 0), policy))  # build the environments, warm up
         # From the last policy call of the warm-up to the last one of the final round: whole episodes.
         workers_cpu, main_cpu = dict(policy.cpu), time.process_time()
         start, steps, rounds = time.perf_counter(), 0, 0
-        while time.perf_counter() - start < seconds:  # rounds of `workers` episodes until time is up
+        while time.perf_counter() - start < seconds:  # rounds of per_worker * workers episodes until time is up
             rounds += 1
-            steps += sum(r.steps for r in runner.run(episode_specs([task], workers, rounds), policy))
+            specs = episode_specs([task], per_worker * workers, rounds)
+            steps += sum(r.steps for r in runner.run(specs, policy))
         wall = time.perf_counter() - start
         cpu = time.process_time() - main_cpu + sum(policy.cpu[pid] - t for pid, t in workers_cpu.items())
     return steps / wall, 1000 * cpu / steps
@@ -145,6 +155,8 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[0, 128], help="camera px; 0 = no cameras")
     parser.add_argument("--seconds", type=float, default=15.0, help="measuring time per configuration")
     parser.add_argument("--repeats", type=int, default=2, help="alternate raw/runner this often; keep the best")
+    parser.add_argument("--per-worker", type=int, default=3, help="episodes per worker in a round of the runner")
+    parser.add_argument("--no-async", action="store_true", help="measure the lockstep runner only")
     parser.add_argument("--label", default="CPU machine, Mesa llvmpipe EGL")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "sim_throughput.json"))
     args = parser.parse_args()
@@ -153,28 +165,39 @@ def main() -> None:
     rows = []
     for size in args.sizes:
         for workers in args.workers:
-            raw, runner = [], []
+            raw, runner, free = [], [], []
             for _ in range(args.repeats):  # best of: other processes only ever slow a measurement down
                 raw.append(measure_raw(args.task, size, workers, args.seconds))
-                runner.append(measure_runner(args.task, size, workers, args.seconds))
+                runner.append(measure_runner(args.task, size, workers, args.seconds, True, args.per_worker))
+                if not args.no_async and workers > 1:
+                    free.append(measure_runner(args.task, size, workers, args.seconds, False, args.per_worker))
             (raw_rate, _), (runner_rate, _) = max(raw), max(runner)
             raw_cpu, runner_cpu = min(c for _, c in raw), min(c for _, c in runner)
-            rows.append({
+            row = {
                 "image_size": size, "workers": workers,
                 "raw_steps_per_s": round(raw_rate, 1), "runner_steps_per_s": round(runner_rate, 1),
                 "runner_over_raw": round(runner_rate / raw_rate, 3),
                 "raw_cpu_ms_per_step": round(raw_cpu, 2), "runner_cpu_ms_per_step": round(runner_cpu, 2),
                 "cpu_ratio": round(raw_cpu / runner_cpu, 3),
-            })  # fmt: skip
-            print(f"{size:4d} px {workers:2d} workers: raw {raw_rate:6.1f}, runner {runner_rate:6.1f} steps/s "
-                  f"({runner_rate / raw_rate:.0%}); CPU ms/step raw {raw_cpu:.1f}, runner {runner_cpu:.1f} "
-                  f"({raw_cpu / runner_cpu:.0%}); load {os.getloadavg()[0]:.1f}", flush=True)  # fmt: skip
+            }  # fmt: skip
+            line = (f"{size:4d} px {workers:2d} workers: raw {raw_rate:6.1f}, runner {runner_rate:6.1f} steps/s "
+                    f"({runner_rate / raw_rate:.0%}); CPU ms/step raw {raw_cpu:.1f}, runner {runner_cpu:.1f} "
+                    f"({raw_cpu / runner_cpu:.0%})")  # fmt: skip
+            if free:  # the runner with lockstep=false
+                (free_rate, _), free_cpu = max(free), min(c for _, c in free)
+                row.update({"runner_async_steps_per_s": round(free_rate, 1),
+                            "runner_async_over_raw": round(free_rate / raw_rate, 3),
+                            "runner_async_cpu_ms_per_step": round(free_cpu, 2)})  # fmt: skip
+                line += f"; lockstep=false {free_rate:6.1f} steps/s ({free_rate / raw_rate:.0%})"
+            rows.append(row)
+            print(f"{line}; load {os.getloadavg()[0]:.1f}", flush=True)
     report = {
         "benchmark": "sim_throughput",
         "label": args.label,
         "machine": {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count(),
                     "mujoco_gl": os.environ.get("MUJOCO_GL"), "load_average_end": os.getloadavg()},
-        "config": {"task": args.task, "seconds": args.seconds, "repeats": args.repeats, "goal_runner_over_raw": 0.8},
+        "config": {"task": args.task, "seconds": args.seconds, "repeats": args.repeats, "per_worker": args.per_worker,
+                   "goal_runner_over_raw": 0.8},
         "results": rows,
     }  # fmt: skip
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -138,7 +138,7 @@ def _run(todo: list[EpisodeSpec], policy: Any, sim_cfg: Any, cfg: Any, staging: 
     make_env = functools.partial(make_sim_env, sim_cfg)
     total = len(todo) + sum(counts.values())
     with (
-        Runner(make_env, cfg.runner.workers, cfg.runner.reset_timeout_s, cfg.runner.step_timeout_s) as runner,
+        Runner.from_config(make_env, cfg.runner) as runner,
         tqdm(total=total, initial=total - len(todo), desc="collect", unit="episode", dynamic_ncols=True) as bar,
     ):
         for result in runner.run(todo, policy):

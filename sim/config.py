@@ -86,6 +86,10 @@ class RunnerConfig:
     reset_timeout_s: float = 180.0
     # Seconds a worker may take for one step before it is declared hung and replaced.
     step_timeout_s: float = 60.0
+    # true: each policy call waits for every worker (reproducible batches and draws); false: the
+    # policy acts on the workers that have replied while the others step on (faster with many
+    # workers; a stochastic policy's draws then depend on timing). sim/runner.py, docs/sim.md.
+    lockstep: bool = True
 
 
 @dataclass

@@ -104,7 +104,7 @@ def _rollouts(specs: list[EpisodeSpec], policy: Policy, cfg: Any, run_dir: Path)
     make_env = functools.partial(make_sim_env, sim_cfg)
     successes = finished = 0
     with (
-        Runner(make_env, cfg.runner.workers, cfg.runner.reset_timeout_s, cfg.runner.step_timeout_s) as runner,
+        Runner.from_config(make_env, cfg.runner) as runner,
         open(run_dir / EPISODES_FILE, "a") as out,
         tqdm(total=len(specs), desc="eval", unit="episode", dynamic_ncols=True) as bar,
     ):

@@ -10,7 +10,15 @@ worker `i`.
         for result in runner.run(specs, policy):       # EpisodeResults, in order of completion
             ...
 
-Every episode is fully determined by its `EpisodeSpec` (task, seed), whichever worker runs it.
+`lockstep=True` (the default) gathers every due reply before each policy call, so the batches, and
+with them a stochastic policy's draws, are the same on every run. `lockstep=False` calls the policy
+as soon as any worker has replied, on the workers ready then, and sends their actions while the
+others still step: no worker waits for the slowest one (or for another's reset), which keeps more of
+the environments' throughput with many workers (benchmarks/sim_throughput.py), but a policy that
+draws its noise for the whole batch then draws differently from run to run.
+
+Every episode's initial state is fully determined by its `EpisodeSpec` (task, seed), whichever
+worker runs it.
 A worker that crashes (its pipe closes) or hangs (no reply within the reset / step timeout) is
 killed and replaced; its episode is reported as failed, with the reason in `error`, and the run
 goes on. Workers ignore SIGINT: on Ctrl-C the main process stops them (`close`), so an interrupted
@@ -114,13 +122,20 @@ class Runner:
     """Runs EpisodeSpecs with a Policy over `workers` environment processes (see the module doc)."""
 
     def __init__(
-        self, make_env: EnvFactory, workers: int = 2, reset_timeout_s: float = 180.0, step_timeout_s: float = 60.0
-    ) -> None:
+        self, make_env: EnvFactory, workers: int = 2, reset_timeout_s: float = 180.0, step_timeout_s: float = 60.0,
+        lockstep: bool = True,
+    ) -> None:  # fmt: skip
         if workers < 1:
             raise ValueError(f"need at least one worker, got {workers}")
         self.make_env, self.reset_timeout_s, self.step_timeout_s = make_env, reset_timeout_s, step_timeout_s
+        self.lockstep = lockstep
         self.slots = [_Slot(i) for i in range(workers)]
         self._ctx = mp.get_context("spawn")  # fresh interpreters: no inherited GL/CUDA/TF state
+
+    @classmethod
+    def from_config(cls, make_env: EnvFactory, cfg: Any) -> Runner:
+        """A runner with the settings of a RunnerConfig (sim/config.py)."""
+        return cls(make_env, cfg.workers, cfg.reset_timeout_s, cfg.step_timeout_s, cfg.lockstep)
 
     def __enter__(self) -> Runner:
         return self
@@ -164,9 +179,11 @@ class Runner:
         slot.waiting_for, slot.deadline = kind, time.monotonic() + timeout_s
 
     def _receive(self, policy: Policy) -> Iterator[EpisodeResult]:
-        """Wait for every due reply (until its deadline) and handle it; yield finished episodes."""
+        """Wait for every due reply (until its deadline), or with lockstep=False for the first ones
+        to arrive, and handle them; yield finished episodes."""
         waiting = {s.conn: s for s in self.slots if s.waiting_for}
         while waiting:
+            due = len(waiting)
             timeout = max(0.0, min(s.deadline for s in waiting.values()) - time.monotonic())
             for conn in wait(list(waiting), timeout=timeout):
                 slot = waiting.pop(conn)
@@ -182,6 +199,8 @@ class Runner:
                 if now >= slot.deadline:
                     del waiting[conn]
                     yield self._handle(slot, ("lost", self._lost(slot, "hung")), policy)
+            if not self.lockstep and len(waiting) < due:  # some replied: act on them, the rest step on
+                return
 
     def _handle(self, slot: _Slot, reply: tuple, policy: Policy) -> EpisodeResult | None:
         """Apply one worker reply to its slot; a finished (or failed) episode is returned."""

@@ -37,7 +37,7 @@ def prefixes(g: int, hidden: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
 def reference(lm: torch.nn.Module, embeds: torch.Tensor, mask: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """transformers' uncached forward over the prefix and then ids (B, n): logits (B, n + 1, C) of the last n + 1."""
     full = torch.cat([embeds, lm.get_input_embeddings()(ids)], dim=1)
-    mask = torch.cat([mask, torch.ones(ids.shape, dtype=torch.bool)], dim=1)
+    mask = torch.cat([mask, torch.ones(ids.shape, dtype=torch.bool, device=ids.device)], dim=1)
     position = (mask.long().cumsum(-1) - 1).clamp(min=0)
     out = lm(inputs_embeds=full, attention_mask=mask.long(), position_ids=position).logits
     return out[:, -ids.shape[1] - 1 :, COLUMNS]

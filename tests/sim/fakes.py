@@ -2,7 +2,7 @@
 
 Episode `seed` lasts `3 + seed % 4` steps and succeeds iff the seed is even; observations carry the
 step number. Chosen seeds misbehave at step 2: `crash_seed` kills the worker process, `hang_seed`
-sleeps, `error_seed` raises.
+sleeps, `error_seed` raises; every step of `slow_seed` takes `slow_s` seconds.
 """
 
 from __future__ import annotations
@@ -15,8 +15,12 @@ import numpy as np
 
 
 class FakeEnv:
-    def __init__(self, task: str, crash_seed: int = -1, hang_seed: int = -1, error_seed: int = -1) -> None:
+    def __init__(
+        self, task: str, crash_seed: int = -1, hang_seed: int = -1, error_seed: int = -1, slow_seed: int = -1,
+        slow_s: float = 0.0,
+    ) -> None:  # fmt: skip
         self.task, self.crash_seed, self.hang_seed, self.error_seed = task, crash_seed, hang_seed, error_seed
+        self.slow_seed, self.slow_s = slow_seed, slow_s
         self.seed, self.t = -1, 0
 
     def reset(self, seed: int) -> dict[str, Any]:
@@ -25,6 +29,8 @@ class FakeEnv:
 
     def step(self, action: np.ndarray) -> tuple[dict[str, Any], float, bool, dict[str, Any]]:
         self.t += 1
+        if self.seed == self.slow_seed:
+            time.sleep(self.slow_s)
         if self.t == 2 and self.seed == self.crash_seed:
             os._exit(3)
         if self.t == 2 and self.seed == self.hang_seed:
@@ -47,5 +53,5 @@ class FakeEnv:
         }
 
 
-def make_fake_env(task: str, **misbehaviour: int) -> FakeEnv:
+def make_fake_env(task: str, **misbehaviour: float) -> FakeEnv:
     return FakeEnv(task, **misbehaviour)

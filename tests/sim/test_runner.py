@@ -59,10 +59,11 @@ def test_episode_seeds_are_deterministic_distinct_and_stable_when_extended() -> 
     assert [s.record for s in recorded] == [True, True, False, False]
 
 
-def test_runs_every_episode_with_batched_policy_calls() -> None:
+@pytest.mark.parametrize("lockstep", [True, False])
+def test_runs_every_episode_with_batched_policy_calls(lockstep: bool) -> None:
     policy = EchoPolicy()
     seeds = list(range(7))
-    with Runner(make_fake_env, workers=3) as runner:
+    with Runner(make_fake_env, workers=3, lockstep=lockstep) as runner:
         results = list(runner.run(specs(seeds, record=True), policy))
     assert sorted(r.seed for r in results) == seeds
     for r in results:
@@ -71,16 +72,32 @@ def test_runs_every_episode_with_batched_policy_calls() -> None:
         assert r.ret == pytest.approx(0.01 * sum(range(n)))  # reward = action x = 0.01 * previous step
         assert r.trajectory.images.shape == (n + 1, 8, 8, 3) and r.trajectory.action.shape == (n, 7)
         np.testing.assert_array_equal(r.trajectory.state[:, 0], np.arange(n + 1))
-    assert max(policy.batches) == 3 and sum(policy.batches) == sum(expected_steps(s) for s in seeds)
+    assert sum(policy.batches) == sum(expected_steps(s) for s in seeds)  # one action per step
+    assert max(policy.batches) == 3 if lockstep else max(policy.batches) <= 3  # without lockstep: whoever is ready
     assert len(policy.resets) == 7 and {slot for _, slot in policy.resets} == {0, 1, 2}
 
 
-def test_results_do_not_depend_on_the_number_of_workers() -> None:
-    def run(workers: int) -> dict[int, tuple]:
-        with Runner(make_fake_env, workers=workers) as runner:
+def test_results_do_not_depend_on_the_number_of_workers_or_lockstep() -> None:
+    def run(workers: int, lockstep: bool = True) -> dict[int, tuple]:
+        with Runner(make_fake_env, workers=workers, lockstep=lockstep) as runner:
             return {r.seed: (r.steps, r.success, r.ret) for r in runner.run(specs(range(6)), EchoPolicy())}
 
-    assert run(1) == run(3)
+    assert run(1) == run(3) == run(3, lockstep=False)
+
+
+def test_without_lockstep_a_slow_worker_does_not_hold_the_others_back() -> None:
+    """One environment steps 20x slower: lockstep batches every call over both workers; without it
+    the fast worker's episodes go on alone (batches of 1) and they all finish."""
+    make_env = functools.partial(make_fake_env, slow_seed=0, slow_s=0.2)
+    batches = {}
+    for lockstep in (True, False):
+        policy = EchoPolicy()
+        with Runner(make_env, workers=2, lockstep=lockstep) as runner:
+            results = {r.seed: r for r in runner.run(specs(range(5)), policy)}
+        assert sorted(results) == list(range(5)) and all(r.error is None for r in results.values())
+        batches[lockstep] = policy.batches
+    assert batches[True].count(1) < batches[False].count(1)
+    assert batches[False].count(1) >= sum(expected_steps(s) for s in range(1, 5)) - 1
 
 
 def test_a_crashing_worker_fails_its_episode_and_the_run_goes_on() -> None:
@@ -93,10 +110,11 @@ def test_a_crashing_worker_fails_its_episode_and_the_run_goes_on() -> None:
     assert all(r.error is None and r.steps == expected_steps(s) for s, r in results.items() if s != 4)
 
 
-def test_a_hanging_worker_is_detected_by_its_step_timeout() -> None:
+@pytest.mark.parametrize("lockstep", [True, False])
+def test_a_hanging_worker_is_detected_by_its_step_timeout(lockstep: bool) -> None:
     make_env = functools.partial(make_fake_env, hang_seed=1)
     start = time.monotonic()
-    with Runner(make_env, workers=2, step_timeout_s=1.0) as runner:
+    with Runner(make_env, workers=2, step_timeout_s=1.0, lockstep=lockstep) as runner:
         results = {r.seed: r for r in runner.run(specs(range(4)), EchoPolicy())}
     assert time.monotonic() - start < 30
     assert "worker hung: no reply within 1 s to step 2" in results[1].error and not results[1].success
