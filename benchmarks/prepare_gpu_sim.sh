@@ -15,7 +15,7 @@ plat=(--platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platfo
       --platform manylinux2014_x86_64 --platform manylinux1_x86_64)
 # the device image has numpy, scipy, numba, opencv, pillow, pyyaml and torch; sim_throughput needs these too
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp "${plat[@]}" \
-    -d .whl_sim mujoco==3.3.7 robosuite==1.5.2 glfw termcolor omegaconf==2.3.1
+    -d .whl_sim mujoco==3.3.7 robosuite==1.5.2 glfw termcolor omegaconf==2.3.1 PyOpenGL==3.1.10
 python3 -m pip wheel -q --no-deps -w .whl_sim antlr4-python3-runtime==4.9.3  # omegaconf's; PyPI has its sdist only
 python3 - <<'PY'
 import pathlib
