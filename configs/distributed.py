@@ -133,7 +133,7 @@ def average_gradients(params: list[nn.Parameter]) -> None:
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return
     grads = [p.grad for p in params if p.grad is not None]
-    for dtype in {g.dtype for g in grads}:
+    for dtype in sorted({g.dtype for g in grads}, key=str):  # the same order on every rank
         group = [g for g in grads if g.dtype == dtype]
         flat = torch.cat([g.reshape(-1) for g in group])
         dist.all_reduce(flat)

@@ -18,6 +18,9 @@ costs about what one model's does. With G = 1 the same code is the VLA's own fas
 - For G > 1 the stacked weights are a copy of the G models' LM weights (the extra memory of one
   model per model), made on first use and again whenever a parameter changes (each tensor's
   version counter), so an optimiser step or a load is seen. For G = 1 they are views: no copy.
+  Under autocast, when the weights are of another dtype than autocast's (float32 weights, bf16
+  autocast), the matrices are kept cast to the autocast dtype (and fused, also for G = 1), so no
+  decode step casts them again; the numbers are those of the per-call cast autocast would make.
 - `LlamaStack.unsupported(lms)` names why a set of models cannot be stacked (not Llama, different
   shapes, biases, adapters or quantised layers, dropout while training); callers then decode each
   model with transformers.
@@ -102,27 +105,33 @@ class LlamaStack:
     def weights(self) -> dict[str, list[torch.Tensor]]:
         """Stacked weights, per layer: qkv (G, H, (h + 2 kvh) d), o, gate_up, down (transposed), the norms."""
         params = [list(lm.parameters()) for lm in self.lms]
-        key = tuple((p.data_ptr(), p._version) for ps in params for p in ps)
+        weight = self.lms[0].get_output_embeddings().weight
+        cast = torch.get_autocast_dtype(weight.device.type) if torch.is_autocast_enabled(weight.device.type) else None
+        cast = cast if cast not in (None, weight.dtype) else None  # matrices kept in the dtype autocast casts to
+        key = (cast, *((p.data_ptr(), p._version) for ps in params for p in ps))
         if key != self._key:
             self._weights, self._key = {}, None  # free the old copy before making the new one
-            self._weights = self._stack()
+            self._weights = self._stack(cast)
             self._key = key
         return self._weights
 
     @torch.no_grad()
-    def _stack(self) -> dict[str, list]:
-        """G > 1: (G, in, out) copies, q/k/v and gate/up fused. G = 1: views of the model's own weights, no copy."""
-        one = len(self.lms) == 1
+    def _stack(self, cast: torch.dtype | None) -> dict[str, list]:
+        """(G, in, out) copies of the matrices, q/k/v and gate/up fused, in dtype `cast` if given; G = 1 and
+        no cast: views of the model's own weights, no copy. Norms and embeddings keep their dtype."""
+        views = len(self.lms) == 1 and cast is None
 
         def stacked(tensors: list[torch.Tensor], transpose: bool = True) -> torch.Tensor:
-            if one:
+            if views:
                 return tensors[0].T[None] if transpose else tensors[0][None, None, None]
-            out = torch.stack(tensors)
-            return out.transpose(-1, -2).contiguous() if transpose else out[:, None, None].contiguous()
+            if not transpose:
+                return torch.stack(tensors)[:, None, None].contiguous()
+            out = torch.stack(tensors).transpose(-1, -2)
+            return out.to(cast, memory_format=torch.contiguous_format) if cast else out.contiguous()
 
         def fused(parts: list[list[torch.Tensor]]) -> list[torch.Tensor]:
-            """Projections whose outputs are concatenated: one fused weight, or G = 1 one view each."""
-            if one:
+            """Projections whose outputs are concatenated: one fused weight, or (views) one view each."""
+            if views:
                 return [stacked(p) for p in parts]
             return [stacked([torch.cat(ws) for ws in zip(*parts, strict=True)])]
 
@@ -137,7 +146,7 @@ class LlamaStack:
             w["norm2"].append(stacked([layer.post_attention_layernorm.weight for layer in layers], False))
         w["final_norm"] = [stacked([lm.model.norm.weight for lm in self.lms], False)]
         embed = [lm.get_input_embeddings().weight for lm in self.lms]
-        w["embed"] = [embed[0][None] if one else torch.stack(embed)]  # (G, V, H)
+        w["embed"] = [embed[0][None] if len(embed) == 1 else torch.stack(embed)]  # (G, V, H)
         w["head"] = [stacked([lm.get_output_embeddings().weight[self.columns] for lm in self.lms])]  # (G, H, C)
         return w
 

@@ -37,14 +37,19 @@ AGENTS.register("calql")("values.calql.CalQLAgent")
 AGENTS.register("iql")("values.iql.IQLAgent")
 
 
-def make_agent(cfg: ValueConfig, lang_dim: int, discount: float, seed: int, channels_last: bool) -> Agent:
-    import importlib
-
+def check_value_config(cfg: ValueConfig) -> str:
+    """The agent class path of `cfg.algo`; an unknown algorithm or actor encoder is a UserError naming the choices."""
     if cfg.actor_encoder not in ("separate", "critic"):
         raise UserError(
             f"value.actor_encoder={cfg.actor_encoder!r}: choose separate (V-GPS) or critic (shared, faster)."
         )
-    module, _, name = AGENTS.get(cfg.algo).rpartition(".")
+    return AGENTS.get(cfg.algo)
+
+
+def make_agent(cfg: ValueConfig, lang_dim: int, discount: float, seed: int, channels_last: bool) -> Agent:
+    import importlib
+
+    module, _, name = check_value_config(cfg).rpartition(".")
     return getattr(importlib.import_module(module), name)(cfg, lang_dim, discount, seed, channels_last)
 
 
@@ -125,6 +130,7 @@ def validate(agent: Agent, data: MixtureDataset, weights: list[float], lang_tabl
 
 def train_value(cfg: TrainValueConfig) -> Path:
     """Train; returns the run directory. Inputs are validated before anything is written."""
+    check_value_config(cfg.value)
     dist, device = start_training(cfg.device, cfg.batch_size)
     with main_first(dist):  # rank 0 prepares the data; the others then read what it wrote
         prepared = prepare_data(cfg.data)

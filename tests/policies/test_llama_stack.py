@@ -84,6 +84,27 @@ def test_shared_ids_and_bf16_autocast_match_transformers() -> None:
 
 
 @torch.no_grad()
+def test_autocast_keeps_the_matrices_cast_once() -> None:
+    """Under bf16 autocast float32 matrices are cast (and fused) once, not at every step, also for one model;
+    the logits stay as close to transformers' own autocast forward as the two-model test demands."""
+    lm = llama(0)
+    embeds, mask = prefixes(1)
+    ids = torch.randint(0, 40, (2, 2), generator=torch.Generator().manual_seed(4))
+    stack = LlamaStack([lm], COLUMNS)
+    with torch.autocast("cpu", torch.bfloat16):
+        w = stack.weights()
+        assert stack.weights() is w and len(w["qkv"][0]) == 1 and w["qkv"][0][0].dtype == torch.bfloat16
+        assert w["norm1"][0].dtype == torch.float32  # norms keep the model's dtype, as transformers' RMSNorm
+        state, _ = stack.prefill(embeds, mask, extra=2)
+        out = stack.extend(state, ids)[0]
+        ref = reference(lm, embeds[0], mask, ids)[:, 1:]
+    exact = reference(lm, embeds[0], mask, ids)[:, 1:]
+    assert (out - ref).abs().max() <= 2 * (ref - exact).abs().max() + 1e-2
+    views = stack.weights()  # outside autocast: the model's own weights again
+    assert views["o"][0].data_ptr() == lm.model.layers[0].self_attn.o_proj.weight.data_ptr()
+
+
+@torch.no_grad()
 def test_stacked_weights_follow_in_place_updates() -> None:
     lms = [llama(0), llama(1)]
     stack = LlamaStack(lms, COLUMNS)

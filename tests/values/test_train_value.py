@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 
 from configs import CONFIG_DIR
 from configs.checkpoint import list_checkpoints
+from configs.errors import UserError
 from configs.schema import register
 from values.critic import load_critic
 from values.train import train_value
@@ -77,6 +78,23 @@ def test_iql_debug_run(sim_data_dir: Path, tmp_path: Path) -> None:
     run = train_value(cfg(sim_data_dir, tmp_path, "name=iql", "value=iql", "steps=2"))
     state = final_state(run, 2)
     assert any(k.startswith("value.") for k in state) and all(torch.isfinite(v).all() for v in state.values())
+
+
+def test_shared_actor_encoder_debug_run_gives_a_critic_that_scores(sim_data_dir: Path, tmp_path: Path) -> None:
+    """value.actor_encoder=critic: the checkpoint has no actor encoder, and steering loads its critic as any other."""
+    run = train_value(cfg(sim_data_dir, tmp_path, "name=shared", "value.actor_encoder=critic", "steps=2"))
+    state = final_state(run, 2)
+    assert not any(k.startswith("actor.encoder") for k in state) and any(k.startswith("actor.mlp") for k in state)
+    obs = {"image_primary": np.zeros((32, 32, 3), np.uint8), "instruction": "reach forward"}
+    scores = load_critic(run).score(obs, np.zeros((3, 7), np.float32))
+    assert scores.shape == (3,) and torch.isfinite(scores).all()
+
+
+def test_bad_value_options_write_nothing(tmp_path: Path) -> None:
+    for option in ("value.actor_encoder=shared", "value.algo=sac"):
+        with pytest.raises(UserError, match="actor_encoder|sac"):
+            train_value(cfg(tmp_path / "no_data", tmp_path / "runs", option))
+    assert not (tmp_path / "runs").exists()
 
 
 def test_missing_bridge_writes_nothing(tmp_path: Path) -> None:
