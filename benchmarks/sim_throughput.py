@@ -21,7 +21,11 @@ is kept, since other processes on a shared machine only ever slow a measurement 
 machine wall-clock rates stay noisy, so the CPU time per environment step is recorded too (raw: the
 stepping process; runner: its workers plus the main process): `cpu_ratio` = raw / runner CPU per
 step is the throughput fraction the runner keeps once the cores are saturated, and does not depend
-on the machine's load. A control step at 5 Hz is 100 physics substeps (robosuite's 20 Hz: 25).
+on the machine's load. `runner_stats` (sim.runner.RunnerStats) splits the runner's time: CPU and wall
+ms per step inside env.reset / env.step as the workers time them (compare with raw's CPU per step: what
+is above it is spent outside the environment), and `env_busy`, the fraction of the workers' time spent
+stepping (the rest they wait for the policy, the pipes or, with lockstep, the slowest worker).
+A control step at 5 Hz is 100 physics substeps (robosuite's 20 Hz: 25).
 """
 
 from __future__ import annotations
@@ -124,13 +128,14 @@ class Still(Policy):
 
 def measure_runner(
     task: str, size: int, workers: int, seconds: float, lockstep: bool = True, per_worker: int = 3
-) -> tuple[float, float]:
-    """(steps/s of the runner with `workers` workers, CPU ms per step of workers + main process).
+) -> tuple[float, float, dict[str, float]]:
+    """(steps/s of the runner with `workers` workers, CPU ms per step of workers + main process,
+    the runner's RunnerStats summary: where the time went).
 
     Rounds of `per_worker` episodes per worker, as an evaluation runs many episodes per worker: in the
     last episodes of a round some workers have nothing left to run.
     """
-    from sim.runner import Runner, episode_specs
+    from sim.runner import Runner, RunnerStats, episode_specs
 
     cfg = SimConfig(task=task, image_size=max(size, 8), render=size > 0, terminate_on_success=False)
     policy = Still()
@@ -138,6 +143,7 @@ def measure_runner(
         list(runner.run(episode_specs([task], workers, 0), policy))  # build the environments, warm up
         # From the last policy call of the warm-up to the last one of the final round: whole episodes.
         workers_cpu, main_cpu = dict(policy.cpu), time.process_time()
+        runner.stats = RunnerStats(workers)
         start, steps, rounds = time.perf_counter(), 0, 0
         while time.perf_counter() - start < seconds:  # rounds of per_worker * workers episodes until time is up
             rounds += 1
@@ -145,7 +151,7 @@ def measure_runner(
             steps += sum(r.steps for r in runner.run(specs, policy))
         wall = time.perf_counter() - start
         cpu = time.process_time() - main_cpu + sum(policy.cpu[pid] - t for pid, t in workers_cpu.items())
-    return steps / wall, 1000 * cpu / steps
+    return steps / wall, 1000 * cpu / steps, runner.stats.summary()
 
 
 def main() -> None:
@@ -171,23 +177,26 @@ def main() -> None:
                 runner.append(measure_runner(args.task, size, workers, args.seconds, True, args.per_worker))
                 if not args.no_async and workers > 1:
                     free.append(measure_runner(args.task, size, workers, args.seconds, False, args.per_worker))
-            (raw_rate, _), (runner_rate, _) = max(raw), max(runner)
-            raw_cpu, runner_cpu = min(c for _, c in raw), min(c for _, c in runner)
+            (raw_rate, _), (runner_rate, _, stats) = max(raw), max(runner, key=lambda r: r[0])
+            raw_cpu, runner_cpu = min(c for _, c in raw), min(c for _, c, _ in runner)
             row = {
                 "image_size": size, "workers": workers,
                 "raw_steps_per_s": round(raw_rate, 1), "runner_steps_per_s": round(runner_rate, 1),
                 "runner_over_raw": round(runner_rate / raw_rate, 3),
                 "raw_cpu_ms_per_step": round(raw_cpu, 2), "runner_cpu_ms_per_step": round(runner_cpu, 2),
                 "cpu_ratio": round(raw_cpu / runner_cpu, 3),
+                "runner_stats": {k: round(v, 3) for k, v in stats.items()},
             }  # fmt: skip
             line = (f"{size:4d} px {workers:2d} workers: raw {raw_rate:6.1f}, runner {runner_rate:6.1f} steps/s "
                     f"({runner_rate / raw_rate:.0%}); CPU ms/step raw {raw_cpu:.1f}, runner {runner_cpu:.1f} "
-                    f"({raw_cpu / runner_cpu:.0%})")  # fmt: skip
+                    f"({raw_cpu / runner_cpu:.0%}), of it in env.step {stats['env_cpu_ms_per_step']:.1f}; "
+                    f"workers busy {stats['env_busy']:.0%}")  # fmt: skip
             if free:  # the runner with lockstep=false
-                (free_rate, _), free_cpu = max(free), min(c for _, c in free)
+                (free_rate, _, free_stats), free_cpu = max(free, key=lambda r: r[0]), min(c for _, c, _ in free)
                 row.update({"runner_async_steps_per_s": round(free_rate, 1),
                             "runner_async_over_raw": round(free_rate / raw_rate, 3),
-                            "runner_async_cpu_ms_per_step": round(free_cpu, 2)})  # fmt: skip
+                            "runner_async_cpu_ms_per_step": round(free_cpu, 2),
+                            "runner_async_stats": {k: round(v, 3) for k, v in free_stats.items()}})  # fmt: skip
                 line += f"; lockstep=false {free_rate:6.1f} steps/s ({free_rate / raw_rate:.0%})"
             rows.append(row)
             print(f"{line}; load {os.getloadavg()[0]:.1f}", flush=True)

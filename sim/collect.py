@@ -150,6 +150,7 @@ def _run(todo: list[EpisodeSpec], policy: Any, sim_cfg: Any, cfg: Any, staging: 
                 counts[result.success] += 1
             bar.set_postfix(success=f"{counts[True] / max(sum(counts.values()), 1):.0%}", lost=failures)
             bar.update()
+        log.info("runner: %s", runner.stats.line())
     return failures
 
 

@@ -31,6 +31,8 @@ from sim.tasks import TASKS, Task
 log = logging.getLogger(__name__)
 
 Observation = dict[str, Any]
+#: The render context SimEnv.render last made current in this process (None: unknown).
+_current_gl: list[Any] = [None]
 #: The end-effector orientation whose state rotation is zero: the Panda gripper pointing down.
 NEUTRAL = Rotation.from_euler("x", np.pi)
 #: Panda finger opening (m) that maps to a state gripper of 1.
@@ -93,6 +95,7 @@ class SimEnv:
         self.camera = cfg.camera or self.task.camera
         self.horizon = cfg.horizon or self.task.horizon(cfg.control_freq)
         self._env = _make_robosuite(self.task, cfg)
+        _current_gl[0] = None  # building an environment makes its own GL context current
         self.limits = _osc_limits(self._env)
         base = self._env.sim.model.body_name2id(self._env.robots[0].robot_model.root_body)
         self._base_pos = np.array(self._env.sim.data.body_xpos[base])
@@ -126,12 +129,18 @@ class SimEnv:
         """(S, S, 3) uint8 image of `camera`, top-left origin."""
         size = self.cfg.image_size
         # robosuite renders into whichever GL context is current: the last one created. A worker
-        # holds one environment per task, so make ours current (else other tasks' images are black).
-        self._env.sim._render_context_offscreen.gl_ctx.make_current()
+        # holds one environment per task, so make ours current (else other tasks' images are black),
+        # but only when another one is: making a context current is a driver call that may flush
+        # or synchronise (NVIDIA's EGL), and most workers render one environment all the time.
+        context = self._env.sim._render_context_offscreen
+        if _current_gl[0] is not context:
+            context.gl_ctx.make_current()
+            _current_gl[0] = context
         image = self._env.sim.render(camera_name=camera, width=size, height=size)
         return np.ascontiguousarray(image[::-1])  # OpenGL rows start at the bottom
 
     def close(self) -> None:
+        _current_gl[0] = None
         self._env.close()
 
     def _observation(self) -> Observation:

@@ -116,6 +116,7 @@ def _rollouts(specs: list[EpisodeSpec], policy: Policy, cfg: Any, run_dir: Path)
             finished, successes = finished + 1, successes + result.success
             bar.set_postfix(success=f"{successes / finished:.0%}")
             bar.update()
+        log.info("runner: %s", runner.stats.line())
 
 
 def _video(run_dir: Path, result: EpisodeResult, fps: int) -> Path:

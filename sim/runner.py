@@ -18,7 +18,8 @@ the environments' throughput with many workers (benchmarks/sim_throughput.py), b
 draws its noise for the whole batch then draws differently from run to run.
 
 Every episode's initial state is fully determined by its `EpisodeSpec` (task, seed), whichever
-worker runs it.
+worker runs it. `runner.stats` (RunnerStats) says where the time went: in the environments (the
+workers' own timing of each reset and step), in the policy, or neither (workers waiting).
 A worker that crashes (its pipe closes) or hangs (no reply within the reset / step timeout) is
 killed and replaced; its episode is reported as failed, with the reason in `error`, and the run
 goes on. Workers ignore SIGINT: on Ctrl-C the main process stops them (`close`), so an interrupted
@@ -101,6 +102,52 @@ def episode_specs(
 
 
 @dataclass
+class RunnerStats:
+    """Where a runner's time went, summed over its `run` calls (eval_sim logs `summary`)."""
+
+    workers: int
+    steps: int = 0  # environment steps (control steps, summed over workers)
+    resets: int = 0
+    wall_s: float = 0.0  # inside `run`, the caller's handling of yielded results included
+    env_s: float = 0.0  # workers in env.reset / env.step (wall time, summed over workers)
+    env_cpu_s: float = 0.0  # their CPU time there
+    policy_s: float = 0.0  # the main process in policy.act_batch
+    policy_calls: int = 0
+    policy_observations: int = 0
+
+    def add_env(self, timing: tuple[float, float], step: bool) -> None:
+        self.steps, self.resets = self.steps + step, self.resets + (not step)
+        self.env_s, self.env_cpu_s = self.env_s + timing[0], self.env_cpu_s + timing[1]
+
+    def add_policy(self, seconds: float, observations: int) -> None:
+        self.policy_s, self.policy_calls = self.policy_s + seconds, self.policy_calls + 1
+        self.policy_observations += observations
+
+    def summary(self) -> dict[str, float]:
+        """Rates and shares: `env_busy` is the fraction of the workers' time spent in their
+        environments (1 = never waiting for the policy, a pipe or another worker)."""
+        wall = max(self.wall_s, 1e-9)
+        return {
+            "steps": self.steps, "steps_per_s": self.steps / wall,
+            "env_busy": self.env_s / (self.workers * wall),
+            "env_ms_per_step": 1000 * self.env_s / max(self.steps + self.resets, 1),
+            "env_cpu_ms_per_step": 1000 * self.env_cpu_s / max(self.steps + self.resets, 1),
+            "policy_share": self.policy_s / wall,
+            "policy_ms_per_call": 1000 * self.policy_s / max(self.policy_calls, 1),
+            "batch_per_call": self.policy_observations / max(self.policy_calls, 1),
+        }  # fmt: skip
+
+    def line(self) -> str:
+        s = self.summary()
+        return (
+            f"{s['steps']} steps at {s['steps_per_s']:.1f} steps/s; environments busy {s['env_busy']:.0%} of "
+            f"the workers' time ({s['env_ms_per_step']:.1f} ms, {s['env_cpu_ms_per_step']:.1f} ms CPU per step "
+            f"or reset); policy {s['policy_share']:.0%} of the time ({s['policy_ms_per_call']:.1f} ms per call, "
+            f"{s['batch_per_call']:.1f} observations per call)"
+        )
+
+
+@dataclass
 class _Slot:
     """A worker process and the episode it is running."""
 
@@ -130,6 +177,7 @@ class Runner:
         self.make_env, self.reset_timeout_s, self.step_timeout_s = make_env, reset_timeout_s, step_timeout_s
         self.lockstep = lockstep
         self.slots = [_Slot(i) for i in range(workers)]
+        self.stats = RunnerStats(workers)
         self._ctx = mp.get_context("spawn")  # fresh interpreters: no inherited GL/CUDA/TF state
 
     @classmethod
@@ -145,16 +193,19 @@ class Runner:
 
     def run(self, specs: Sequence[EpisodeSpec], policy: Policy) -> Iterator[EpisodeResult]:
         """Run every spec; yield each result as its episode ends (completion order)."""
-        pending = deque(specs)
-        while pending or any(s.spec is not None for s in self.slots):
-            for slot in self.slots:
-                if slot.spec is None and pending:
-                    self._start(slot, pending.popleft())
-                elif slot.action is not None:
-                    self._send(slot, ("step", slot.action), "step", self.step_timeout_s)
-                    slot.action = None
-            yield from self._receive(policy)
-            self._act(policy)
+        pending, start = deque(specs), time.perf_counter()
+        try:
+            while pending or any(s.spec is not None for s in self.slots):
+                for slot in self.slots:
+                    if slot.spec is None and pending:
+                        self._start(slot, pending.popleft())
+                    elif slot.action is not None:
+                        self._send(slot, ("step", slot.action), "step", self.step_timeout_s)
+                        slot.action = None
+                yield from self._receive(policy)
+                self._act(policy)
+        finally:
+            self.stats.wall_s += time.perf_counter() - start
 
     def close(self) -> None:
         """Stop every worker (politely, then by force)."""
@@ -207,10 +258,12 @@ class Runner:
         kind, slot.waiting_for = reply[0], ""
         if kind == "obs":
             slot.obs, slot.instruction = reply[1], reply[1].get("instruction", "")
+            self.stats.add_env(reply[2], step=False)
             policy.reset(slot.instruction, slot.index)
             return None
         if kind == "step":
-            _, obs, reward, done, info, trajectory = reply
+            _, obs, reward, done, info, trajectory, timing = reply
+            self.stats.add_env(timing, step=True)
             slot.steps, slot.ret = slot.steps + 1, slot.ret + reward
             if not done:
                 slot.obs = obs
@@ -238,7 +291,9 @@ class Runner:
         ready = [s for s in self.slots if s.obs is not None]
         if not ready:
             return
+        start = time.perf_counter()
         actions = np.asarray(policy.act_batch([s.obs for s in ready], [s.index for s in ready]), dtype=np.float32)
+        self.stats.add_policy(time.perf_counter() - start, len(ready))
         if actions.ndim != 3 or actions.shape[0] != len(ready) or actions.shape[2] != 7:
             raise ValueError(f"policy.act_batch returned shape {actions.shape}, expected ({len(ready)}, chunk, 7)")
         for slot, chunk in zip(ready, actions, strict=True):

@@ -47,15 +47,42 @@ def _group_norm(groups: int):
     return lambda channels, **kw: GroupNorm(groups, channels, **kw)
 
 
-def images_to_input(images: torch.Tensor, coord_channels: bool, channels_last: bool) -> torch.Tensor:
-    """uint8 (B, H, W, 3) -> float (B, 3 [+2], H, W) in [-1, 1] (+ x, y coordinate channels)."""
+def images_to_input(images: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    """uint8 (B, H, W, 3) -> float (B, 3, H, W) in [-1, 1]."""
     x = images.permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)  # HWC -> CHW
-    if coord_channels:
-        B, _, H, W = x.shape
-        ys = torch.linspace(-1, 1, H, device=x.device).view(1, 1, H, 1).expand(B, 1, H, W)
-        xs = torch.linspace(-1, 1, W, device=x.device).view(1, 1, 1, W).expand(B, 1, H, W)
-        x = torch.cat([x, xs, ys], dim=1)
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
+def coordinate_channels(height: int, width: int, device: torch.device) -> torch.Tensor:
+    """(1, 2, H, W): x then y, each in [-1, 1] (V-GPS's coordinate channels)."""
+    ys = torch.linspace(-1, 1, height, device=device).view(1, 1, height, 1).expand(1, 1, height, width)
+    xs = torch.linspace(-1, 1, width, device=device).view(1, 1, 1, width).expand(1, 1, height, width)
+    return torch.cat([xs, ys], dim=1)
+
+
+class CoordStemConv(nn.Conv2d):
+    """The encoder's first convolution over RGB + 2 coordinate channels, given the RGB image alone.
+
+    A convolution is linear in its input channels, so conv([rgb, xy]) = conv_rgb(rgb) + conv_xy(xy)
+    (zero padding included), and the coordinate term is the same for every image: it is computed on
+    a batch of one and broadcast. That saves building and reading a (B, 5, H, W) input, and the
+    convolution over the batch has 3 input channels, the ImageNet stem every convolution library
+    tunes, instead of 5. The parameters are those of the 5-channel convolution (same names and
+    shapes), so checkpoints are unchanged.
+    """
+
+    @classmethod
+    def replacing(cls, conv: nn.Conv2d) -> CoordStemConv:
+        stem = cls(
+            conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
+            conv.groups, conv.bias is not None, conv.padding_mode,
+        )  # fmt: skip
+        stem.load_state_dict(conv.state_dict())
+        return stem
+
+    def forward(self, rgb: torch.Tensor) -> torch.Tensor:
+        xy = coordinate_channels(rgb.shape[-2], rgb.shape[-1], rgb.device)
+        return self._conv_forward(rgb, self.weight[:, :3], None) + self._conv_forward(xy, self.weight[:, 3:], self.bias)
 
 
 class FiLM(nn.Module):
@@ -77,20 +104,25 @@ class FiLMResNet(nn.Module):
 
     def __init__(self, cfg: EncoderConfig, cond_dim: int, channels_last: bool = False) -> None:
         super().__init__()
-        self.coord, self.channels_last = cfg.coord_channels, channels_last
+        self.channels_last = channels_last
         kwargs = {"act_layer": nn.SiLU if cfg.act == "silu" else nn.ReLU}
         if cfg.norm_groups:
             kwargs["norm_layer"] = _group_norm(cfg.norm_groups)
         self.net = timm.create_model(
             cfg.arch, pretrained=False, num_classes=0, global_pool="", in_chans=3 + 2 * cfg.coord_channels, **kwargs
         )
+        if cfg.coord_channels:  # the first convolution of the stem (timm's deep stems are a Sequential)
+            if isinstance(self.net.conv1, nn.Sequential):
+                self.net.conv1[0] = CoordStemConv.replacing(self.net.conv1[0])
+            else:
+                self.net.conv1 = CoordStemConv.replacing(self.net.conv1)
         self.blocks = [block for name in ("layer1", "layer2", "layer3", "layer4") for block in getattr(self.net, name)]
         self.films = nn.ModuleList(FiLM(cond_dim, _out_channels(b)) for b in self.blocks)
         self.out_dim = int(self.net.num_features)
 
     def forward(self, images: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         net = self.net
-        x = images_to_input(images, self.coord, self.channels_last)
+        x = images_to_input(images, self.channels_last)
         x = net.maxpool(net.act1(net.bn1(net.conv1(x))))
         for block, film in zip(self.blocks, self.films, strict=True):
             x = film(block(x), cond)

@@ -100,6 +100,25 @@ def test_without_lockstep_a_slow_worker_does_not_hold_the_others_back() -> None:
     assert batches[False].count(1) >= sum(expected_steps(s) for s in range(1, 5)) - 1
 
 
+def test_stats_account_for_the_environments_and_the_policy() -> None:
+    """RunnerStats: every step and reset counted with the workers' own timing, every policy call and
+    observation; with lockstep the fast worker waits for the slow one, so the workers are busy
+    at most about half the time."""
+    make_env = functools.partial(make_fake_env, slow_seed=0, slow_s=0.2)
+    policy = EchoPolicy()
+    with Runner(make_env, workers=2) as runner:
+        results = list(runner.run(specs(range(5)), policy))
+    stats, summary = runner.stats, runner.stats.summary()
+    assert stats.steps == sum(r.steps for r in results) and stats.resets == 5
+    assert (stats.policy_calls, stats.policy_observations) == (len(policy.batches), sum(policy.batches))
+    assert 0.2 * expected_steps(0) <= stats.env_s < stats.wall_s  # the slow episode's sleeps, in one worker
+    assert stats.env_cpu_s < 0.2  # sleeping is not CPU time
+    assert summary["env_busy"] < 0.6 and summary["batch_per_call"] == pytest.approx(
+        sum(policy.batches) / len(policy.batches)
+    )
+    assert "environments busy" in stats.line()
+
+
 def test_a_crashing_worker_fails_its_episode_and_the_run_goes_on() -> None:
     make_env = functools.partial(make_fake_env, crash_seed=4)
     with Runner(make_env, workers=2) as runner:

@@ -26,7 +26,17 @@ from values.config import EncoderConfig
 from values.iql import awr_loss, expectile_loss, q_loss
 from values.language import HashEncoder
 from values.metrics import average_ranks, matched_auc, spearman
-from values.networks import Actor, Critic, EnsembleMLP, FiLM, FiLMResNet, GroupNorm, soft_update
+from values.networks import (
+    Actor,
+    CoordStemConv,
+    Critic,
+    EnsembleMLP,
+    FiLM,
+    FiLMResNet,
+    GroupNorm,
+    coordinate_channels,
+    soft_update,
+)
 
 T = torch.tensor
 
@@ -121,6 +131,31 @@ def test_critic_shapes_film_identity_and_batched_actions() -> None:
             torch.testing.assert_close(many[:, :, j], critic.q(images, lang, actions[:, j]))
     params = sum(p.numel() for p in Critic(FiLMResNet(EncoderConfig(), 512), [256, 256], 2).parameters())
     assert params / 1e6 == pytest.approx(25.6, abs=0.1)  # V-GPS: 25.6M
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "resnet10t"])  # a 7x7 stem conv; timm's deep stem (Sequential)
+def test_coordinate_channels_enter_through_the_stem_convolution(arch: str) -> None:
+    """The stem convolution given RGB only equals the 5-channel convolution over [RGB, x, y] (V-GPS's
+    input), with the same gradients, and keeps the 5-channel parameter (checkpoints unchanged)."""
+    torch.manual_seed(0)
+    enc = FiLMResNet(EncoderConfig(arch=arch), cond_dim=8)
+    stem = enc.net.conv1[0] if isinstance(enc.net.conv1, torch.nn.Sequential) else enc.net.conv1
+    assert isinstance(stem, CoordStemConv) and stem.weight.shape[1] == 5
+    assert any(k.endswith("conv1.weight") or k.endswith("conv1.0.weight") for k in enc.state_dict())
+    xy = coordinate_channels(6, 10, torch.device("cpu"))
+    assert torch.equal(xy[0, 0, 3], torch.linspace(-1, 1, 10)) and torch.equal(xy[0, 1, :, 7], torch.linspace(-1, 1, 6))
+    rgb = torch.randn(3, 3, 6, 10, requires_grad=True)
+    five = torch.cat([rgb, xy.expand(3, -1, -1, -1)], dim=1)
+    reference = torch.nn.functional.conv2d(five, stem.weight, None, stem.stride, stem.padding)
+    out = stem(rgb)
+    torch.testing.assert_close(out, reference, rtol=1e-5, atol=1e-5)
+    (ref_grad_w, ref_grad_x) = torch.autograd.grad(reference.square().sum(), [stem.weight, rgb])
+    (grad_w, grad_x) = torch.autograd.grad(out.square().sum(), [stem.weight, rgb])
+    torch.testing.assert_close(grad_w, ref_grad_w, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(grad_x, ref_grad_x, rtol=1e-4, atol=1e-4)
+    plain = FiLMResNet(EncoderConfig(arch=arch, coord_channels=False), cond_dim=8)
+    assert not any(isinstance(m, CoordStemConv) for m in plain.modules())
+    assert plain(torch.zeros(2, 16, 16, 3, dtype=torch.uint8), torch.zeros(2, 8)).shape == (2, plain.out_dim)
 
 
 def test_film_scales_and_shifts_each_sample() -> None:
