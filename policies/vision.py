@@ -54,10 +54,17 @@ class VisionEncoder(nn.Module):
         return features[:, self.prefix_tokens :]  # ViT (B, prefix + patches, C) -> patch tokens
 
     def num_tokens(self) -> int:
-        """Tokens per image (runs the encoder once on a blank image)."""
-        with torch.no_grad():
-            blank = torch.zeros(1, self.image_size, self.image_size, 3, dtype=torch.uint8, device=self.mean.device)
-            return int(self.forward(blank).shape[1])
+        """Tokens per image (runs the encoder once on a blank image, in eval mode: a training-mode
+        batch norm would move its running statistics, pretrained ones included, towards the blank
+        image's, and fails on a 1x1 feature map of one image)."""
+        training = self.training
+        self.eval()
+        try:
+            with torch.no_grad():
+                blank = torch.zeros(1, self.image_size, self.image_size, 3, dtype=torch.uint8, device=self.mean.device)
+                return int(self.forward(blank).shape[1])
+        finally:
+            self.train(training)
 
 
 def stack_images(images: list[np.ndarray], size: int) -> torch.Tensor:

@@ -172,3 +172,16 @@ def test_flow_policy_replans_every_exec_horizon_steps_per_slot(tmp_path, monkeyp
     np.testing.assert_array_equal(second[0, -1], first[0, -1])  # rows past its end hold the last action
     policy.act_batch(o, [0, 1])
     assert calls == [2, 1, 1]  # slot 0's horizon is over, slot 1 is one step into its chunk
+
+
+def test_counting_image_tokens_leaves_batch_norm_statistics_alone() -> None:
+    """FlowModel counts its image tokens with a blank image when it is built; a training-mode batch
+    norm would move its running statistics (pretrained ones too) and fail on a 1x1 map of one image."""
+    from policies.config import VisionConfig
+    from policies.vision import VisionEncoder
+
+    torch.manual_seed(0)
+    encoder = VisionEncoder(VisionConfig(arch="resnet10t"), image_size=32)  # a 1x1 feature map
+    stats = {k: v.clone() for k, v in encoder.state_dict().items() if "running" in k}
+    assert encoder.training and encoder.num_tokens() == 1 and encoder.training
+    assert all(torch.equal(encoder.state_dict()[k], v) for k, v in stats.items())
