@@ -93,6 +93,28 @@ def test_agent_updates_on_cuda_with_bf16(algo: str, channels_last: bool) -> None
     assert any(not torch.equal(b, a.detach()) for b, a in zip(before, after, strict=True))
 
 
+def test_compiled_encoders_train_like_eager_ones_and_keep_checkpoint_keys() -> None:
+    """train_value compile=true (values/train.py compile_encoders): the compiled agent's updates match the
+    eager agent's (float32, TF32 off), and its state dict has the eager keys (load_critic reads it)."""
+    from values.train import compile_encoders, make_agent
+
+    def agent() -> Any:
+        torch.manual_seed(0)
+        return make_agent(small_value_config("calql", "resnet10t"), 32, 0.98, seed=3, channels_last=False).cuda()
+
+    eager, compiled = agent(), agent()
+    compile_encoders(compiled)
+    for step in range(2):
+        batch = value_batch(8, 64, "cuda", seed=step)
+        m1, m2 = eager.update(batch), compiled.update(batch)
+        for name in m1:
+            assert m2[name] == pytest.approx(m1[name], rel=1e-3, abs=1e-4), name
+    assert list(compiled.state_dict()) == list(eager.state_dict())
+    for key, value in eager.state_dict().items():
+        if isinstance(value, torch.Tensor):  # (also the optimiser's and scheduler's state dicts, the step)
+            torch.testing.assert_close(compiled.state_dict()[key], value, rtol=1e-3, atol=1e-4)
+
+
 def test_steering_scores_on_cuda_match_cpu_with_bf16_and_cuda_graphs_close() -> None:
     from tests.policies.conftest import fake_stats
     from values.critic import random_critic

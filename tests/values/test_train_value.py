@@ -108,3 +108,28 @@ def test_missing_bridge_writes_nothing(tmp_path: Path) -> None:
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "bridge_dataset/1.0.0" in proc.stderr and "wget" in proc.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tfds"]
+
+
+def test_compiled_encoders_train_like_eager_ones_and_keep_checkpoint_keys() -> None:
+    """train_value compile=true (compile_encoders, torch.compile in place; inductor's CPU backend here,
+    tests/gpu has the CUDA one): the same updates as the eager agent, and the eager state-dict keys,
+    so a compiled run's checkpoints load into an uncompiled critic."""
+    from tests.values.helpers import small_value_config, value_batch
+    from values.train import compile_encoders, make_agent
+
+    def agent() -> torch.nn.Module:
+        torch.manual_seed(0)
+        return make_agent(small_value_config("calql", "resnet10t"), 32, 0.98, seed=3, channels_last=False)
+
+    eager, compiled = agent(), agent()
+    compile_encoders(compiled)
+    assert all(getattr(net, "encoder", None) is None or net.encoder._compiled_call_impl for net in compiled.children())
+    for step in range(2):
+        batch = value_batch(8, 32, seed=step)
+        m1, m2 = eager.update(batch), compiled.update(batch)
+        for name in m1:
+            assert m2[name] == pytest.approx(m1[name], rel=1e-3, abs=1e-4), name
+    assert list(compiled.state_dict()) == list(eager.state_dict())
+    for key, value in eager.state_dict().items():
+        if isinstance(value, torch.Tensor):
+            torch.testing.assert_close(compiled.state_dict()[key], value, rtol=1e-3, atol=1e-4)
