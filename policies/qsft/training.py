@@ -32,6 +32,7 @@ from data.prepare import prepare_data
 from policies.config import VLAModelConfig
 from policies.learned import save_policy_checkpoint
 from policies.qsft.config import TrainQSFTConfig
+from policies.qsft.lora import lora_enabled, share_frozen_weights
 from policies.qsft.policy import NAME
 from policies.qsft.qsft import BACKUPS, QSFTModel, unit_rewards
 from policies.training import (
@@ -107,6 +108,7 @@ def train_qsft(cfg: TrainQSFTConfig) -> Path:
         cfg.policy.model.vla = OmegaConf.merge(OmegaConf.structured(VLAModelConfig), model.pi.net.cfg)
     if cfg.behaviour == "frozen":
         model.pi.requires_grad_(False)
+    shared = share_frozen_weights(model) if lora_enabled(cfg.policy.model) and dist.world == 1 else 0
     if cfg.gradient_checkpointing:
         model.pi.gradient_checkpointing()
         model.q.gradient_checkpointing()
@@ -134,6 +136,9 @@ def train_qsft(cfg: TrainQSFTConfig) -> Path:
             "start at step %d", run_dir, cfg.policy.model.backbone,
             sum(p.numel() for p in model.q.parameters()) / 1e6, device, dist.rank, dist.world, len(train[0]), start,
         )  # fmt: skip
+        if shared:
+            log.info("LoRA: the three copies share their frozen base weights (%.2fM parameters held once)",
+                     shared / 2e6)  # fmt: skip
         _loop(cfg, model, optimizer, scheduler, train, val, start, run)
     return run_dir
 

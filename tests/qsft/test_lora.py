@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from configs.errors import UserError
 from policies.llama_stack import LlamaStack
-from policies.qsft.lora import add_lora, merge_lora
+from policies.qsft.lora import add_lora, merge_lora, share_frozen_weights
 from policies.qsft.qsft import QSFTModel
 from tests.policies.conftest import IMAGE_SIZE, observation
 from tests.qsft.helpers import images, qsft_config
@@ -88,6 +88,54 @@ def test_merged_model_acts_as_the_adapted_one_and_decodes_fused() -> None:
     torch.testing.assert_close(merged.score(ims, TEXTS, ids, "ratio"), scores, rtol=1e-4, atol=1e-6)
 
 
+def test_the_three_copies_can_share_one_frozen_base_and_train_the_same() -> None:
+    """share_frozen_weights (train_qsft in one process): p_theta and the target use pi_phi's frozen base
+    weights; the adapters and train_modules stay their own, training and Polyak give exactly what three
+    copies give, the state dict keeps every key (torch.distributed's full state dict too, as train_qsft
+    saves and resumes), and merging for acting folds each copy's adapters into a weight of its own."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
+
+    three, shared = lora_model(0), lora_model(0)
+    base = sum(p.numel() for n, p in shared.pi.named_parameters() if not p.requires_grad)
+    assert share_frozen_weights(shared) == 2 * base
+    assert sum(p.numel() for p in shared.parameters()) == sum(p.numel() for p in three.parameters()) - 2 * base
+    key = "net.lm.model.layers.0.self_attn.q_proj"
+    assert shared.q.get_parameter(f"{key}.base_layer.weight") is shared.pi.get_parameter(f"{key}.base_layer.weight")
+    assert shared.q_target.get_parameter(f"{key}.base_layer.weight") is shared.pi.get_parameter(
+        f"{key}.base_layer.weight"
+    )
+    for name in (f"{key}.lora_B.default.weight", "net.projector.0.weight"):  # trained: each copy its own
+        assert shared.q.get_parameter(name) is not shared.pi.get_parameter(name)
+    optimizers = [torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2) for m in (three, shared)]
+    for step in range(2):
+        losses = []
+        for model, optimizer in zip((three, shared), optimizers, strict=True):
+            optimizer.zero_grad()
+            q_loss, bc_loss, _ = model.losses(batch(), 0.98, 1e-4)
+            (q_loss + bc_loss).backward()
+            optimizer.step()
+            model.update_target(0.5)
+            losses.append((q_loss.item(), bc_loss.item()))
+        assert losses[0] == losses[1], step
+    reference, state = three.state_dict(), shared.state_dict()
+    assert list(state) == list(reference) and all(torch.equal(state[k], v) for k, v in reference.items())
+    full = StateDictOptions(full_state_dict=True)
+    assert list(get_model_state_dict(shared, options=full)) == list(get_model_state_dict(three, options=full))
+    fresh = lora_model(1)  # other weights, shared too, then loaded with the checkpoint's
+    share_frozen_weights(fresh)
+    set_model_state_dict(fresh, get_model_state_dict(three, options=full), options=full)
+    assert all(torch.equal(fresh.state_dict()[k], v) for k, v in reference.items())
+    ims, texts = images(2, 3), TEXTS
+    merged_three, merged_shared = copy.deepcopy(three).eval(), copy.deepcopy(shared).eval()
+    assert merge_lora(merged_three) == merge_lora(merged_shared) == 3 * 2 * len(PROJECTIONS)
+    with torch.no_grad():
+        for a, b in ((merged_three.pi, merged_shared.pi), (merged_three.q, merged_shared.q)):
+            ids = a.tokens.encode(batch()["action"])[:, :-1]
+            torch.testing.assert_close(
+                b.action_logits(b.prefix(ims, texts), ids), a.action_logits(a.prefix(ims, texts), ids)
+            )
+
+
 def test_adapter_options_are_checked() -> None:
     cfg = OmegaConf.structured(qsft_config(*LORA).policy.model.lora)
     model = lora_model(0, "policy.model.lora.rank=0")
@@ -137,6 +185,9 @@ def test_train_qsft_with_adapters_from_a_vla_checkpoint(policy_data_dir: Path, t
     assert after[f"q.net.{key}.lora_B.default.weight"].abs().sum() > 0  # the adapters trained
     assert not torch.equal(after["q.net.projector.0.weight"], base["projector.0.weight"])  # train_modules
     assert torch.equal(after["q.net.lm.lm_head.weight"], base["lm.lm_head.weight"])  # frozen
+    assert "share their frozen base weights" in (run_dir / "log.txt").read_text()  # one copy in memory
+    for part in ("pi", "q_target"):  # the checkpoint still holds every copy
+        assert torch.equal(after[f"{part}.net.{key}.base_layer.weight"], base[f"{key}.weight"])
     loaded = load_qsft(run_dir).model
     assert LlamaStack.unsupported([loaded.pi.net.lm, loaded.q.net.lm]) is None  # merged for acting
     cfg = qsft_config("policy.beta=2.0").policy
