@@ -62,9 +62,8 @@ step steer_latency_graphs 100 $py benchmarks/steer_latency.py --cuda-graphs --it
 # now that GroupNorm keeps bf16, and a profile of the default
 step value_variants 240 bash -c "
     $vt --model-only --steps 15 --warmup 5 --profile 3 --label '$label, NCHW' --out $out/value_variants.json
-    $vt --model-only --steps 15 --warmup 5 --channels-last --label '$label, channels_last' --out $out/value_variants.json
-    $vt --model-only --steps 15 --warmup 5 --actor-encoder critic --compile --label '$label, NCHW, actor_encoder=critic, torch.compile' --out $out/value_variants.json
-    $vt --model-only --steps 15 --warmup 5 --compile --label '$label, NCHW, torch.compile' --out $out/value_variants.json"
+    $vt --model-only --steps 15 --warmup 5 --compile --label '$label, NCHW, torch.compile' --out $out/value_variants.json
+    $vt --model-only --steps 15 --warmup 5 --actor-encoder critic --compile --label '$label, NCHW, actor_encoder=critic, torch.compile' --out $out/value_variants.json"
 step openvla_sampling 180 $py benchmarks/openvla_sampling.py --size real --iters 10 --label "$label, OpenVLA-7B shape" \
     --out "$out/openvla_sampling.json"
 step openvla_sampling_hf 120 $py benchmarks/openvla_sampling.py --size real --iters 5 --ks 10 --decoder transformers \

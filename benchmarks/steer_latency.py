@@ -17,6 +17,8 @@ from the value config (`values.critic.random_critic`: FiLM ResNet, GroupNorm, co
                      scores of their first actions, argmax; and its ratio to `policy` (on a GPU the
                      critic's encoder runs on a side stream, alongside the policy: `overlap`),
 - steered_serial[K]: the same with the encoder on the main stream, before the policy (GPU only),
+- policy_sample[K]:  `policy.sample_actions(obs, K)` alone, the base policy's share of steered[K]
+                     (what remains is the critic and the choice),
 - critic_score_50:   `CriticScorer.score(obs, 50 actions)`: host -> device, encode the image once,
                      the heads over 50 actions, scores back to the host,
 - critic_encoder / critic_heads_50: those two parts alone, on device tensors.
@@ -127,6 +129,11 @@ def run(args: argparse.Namespace) -> dict:
     policy.reset(obs["instruction"])
     result = {"policy_ms": timed(lambda: policy.act(obs), args.iters, args.warmup, sync), "steered": {}}
     for k in args.ks:
+        sample = timed(lambda k=k: policy.sample_actions(obs, k), args.iters, args.warmup, sync)
+        result.setdefault("policy_sample", {})[str(k)] = {
+            "ms": sample,
+            "ratio": sample["mean"] / result["policy_ms"]["mean"],
+        }
         steered = ValueSteeredPolicy(policy, critic, k=k, beta=0.0)
         steered.reset(obs["instruction"])
         ms = timed(lambda s=steered: s.act(obs), args.iters, args.warmup, sync)
@@ -207,6 +214,8 @@ def report(r: dict) -> str:
         lines.append(f"  steered K={k:<4}         {s['ms']['mean']:8.2f} ms  ({s['ratio']:.2f}x)")
     for k, s in r.get("steered_serial", {}).items():
         lines.append(f"  serial  K={k:<4}         {s['ms']['mean']:8.2f} ms  ({s['ratio']:.2f}x)")
+    for k, s in r.get("policy_sample", {}).items():
+        lines.append(f"  policy sample K={k:<4}   {s['ms']['mean']:8.2f} ms  ({s['ratio']:.2f}x)")
     for key in ("critic_score_50_ms", "critic_encoder_ms", "critic_heads_50_ms"):
         lines.append(f"  {key[:-3]:<22} {r[key]['mean']:8.2f} ms")
     return "\n".join(lines)

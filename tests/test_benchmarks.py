@@ -56,6 +56,7 @@ def test_steer_latency(tmp_path: Path, policy: str) -> None:
     )  # fmt: skip
     assert set(result["steered"]) == {"1", "4"} and positive(result["policy_ms"]["mean"])
     assert all(positive(s["ms"]["mean"], s["ratio"]) for s in result["steered"].values())
+    assert set(result["policy_sample"]) == {"1", "4"} and positive(result["policy_sample"]["4"]["ms"]["mean"])
     assert positive(result["critic_score_50_ms"]["mean"], result["critic_encoder_ms"]["mean"])
 
 
