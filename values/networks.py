@@ -73,9 +73,9 @@ class CoordStemConv(nn.Conv2d):
 
     @classmethod
     def replacing(cls, conv: nn.Conv2d) -> CoordStemConv:
-        stem = cls(
-            conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
-            conv.groups, conv.bias is not None, conv.padding_mode,
+        stem = nn.utils.skip_init(  # no initialisation of its own: the random stream stays the network's
+            cls, conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
+            conv.groups, conv.bias is not None, conv.padding_mode, device=conv.weight.device, dtype=conv.weight.dtype,
         )  # fmt: skip
         stem.load_state_dict(conv.state_dict())
         return stem
