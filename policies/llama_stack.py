@@ -36,6 +36,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from policies.kv_cache import positions
+
 _LLAMA = "llama"
 
 
@@ -248,11 +250,6 @@ class LlamaStack:
         if torch.is_autocast_enabled(x.device.type):
             return torch.get_autocast_dtype(x.device.type)
         return torch.promote_types(x.dtype, w["o"][0].dtype)
-
-
-def positions(mask: torch.Tensor) -> torch.Tensor:
-    """Position ids (B, L) that skip padding inside the sequence: the number of real tokens before each one."""
-    return (mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
 def _dropout(lms: Sequence[nn.Module]) -> bool:

@@ -37,9 +37,9 @@ from configs.errors import UserError
 from policies.action_tokens import NUM_ACTION_TOKENS, ActionTokenizer
 from policies.base import ACTION_DIM, POLICIES, Policy
 from policies.config import LMConfig, VLAModelConfig
-from policies.kv_cache import cache_kwargs, output_cache
+from policies.kv_cache import extend, positions, prefill
 from policies.learned import MODELS, LearnedPolicy, load_policy_model, resolve_device
-from policies.llama_stack import cached_stack, positions
+from policies.llama_stack import cached_stack
 from policies.text import ByteTokenizer, TextTokenizer, load_text_tokenizer, make_text_tokenizer, pad_ids
 from policies.vision import VisionEncoder
 
@@ -230,21 +230,9 @@ class VLAModel(nn.Module):
 
     def _hf_decoding(self, prefix: Prefix, k: int) -> tuple[torch.Tensor, Any]:
         """transformers' cached forward: the first action logits (N * k, 256) and a function ids (M,) -> the next."""
-        mask, position = prefix.mask, positions(prefix.mask)
-        out = self.lm(inputs_embeds=prefix.embeds, attention_mask=mask.long(), position_ids=position,
-                      use_cache=True, logits_to_keep=1)  # fmt: skip
-        cache = output_cache(out)
-        cache.batch_repeat_interleave(k)  # (N, ...) -> (N * K, ...): row n * K + j is sample j of obs n
-        state = {"mask": mask.repeat_interleave(k, dim=0), "position": position[:, -1:].repeat_interleave(k, dim=0)}
-
-        def step(ids: torch.Tensor) -> torch.Tensor:
-            state["mask"] = F.pad(state["mask"], (0, 1), value=True)
-            state["position"] = state["position"] + 1
-            out = self.lm(input_ids=ids[:, None], attention_mask=state["mask"].long(), position_ids=state["position"],
-                          **cache_kwargs(self.lm, cache), use_cache=True)  # fmt: skip
-            return self.tokens.action_logits(out.logits[:, -1].float())
-
-        return self.tokens.action_logits(out.logits[:, -1].float()).repeat_interleave(k, dim=0), step
+        logits, dec = prefill(self.lm, prefix.mask, k, inputs_embeds=prefix.embeds)
+        step = lambda ids: self.tokens.action_logits(extend(self.lm, dec, ids[:, None])[:, -1].float())  # noqa: E731
+        return self.tokens.action_logits(logits.float()).repeat_interleave(k, dim=0), step
 
 
 def choose(

@@ -41,8 +41,7 @@ from torch.nn import functional as F
 
 from configs.errors import UserError
 from policies.action_tokens import ActionTokenizer
-from policies.kv_cache import cache_kwargs, output_cache
-from policies.llama_stack import positions
+from policies.kv_cache import Decoding, extend, positions, prefill
 from policies.qsft.config import HFVLMConfig, QSFTModelConfig
 
 log = logging.getLogger(__name__)
@@ -60,16 +59,6 @@ class Prefix:
 
     inputs: dict[str, torch.Tensor]
     mask: torch.Tensor
-
-
-@dataclass
-class Decoding:
-    """KV-cached decoding of M rows: cache, mask (M, L), position of the last token (M, 1), next logits (M, 257)."""
-
-    cache: Any
-    mask: torch.Tensor
-    position: torch.Tensor
-    logits: torch.Tensor
 
 
 class Backbone(nn.Module):
@@ -113,8 +102,11 @@ class Backbone(nn.Module):
         # a copy, not a view of the full logits (FSDP warns about a forward method returning a view)
         return logits[..., self.tokens.first_id - DUMMY_COLUMNS : self.tokens.vocab_size].float().clone()
 
+    def _own_positions(self) -> bool:
+        return getattr(self._model().config, "model_type", "") in _OWN_POSITIONS
+
     def _call(self, mask: torch.Tensor, position: torch.Tensor, **inputs: Any) -> Any:
-        own = getattr(self._model().config, "model_type", "") in _OWN_POSITIONS
+        own = self._own_positions()
         return self._model()(attention_mask=mask.long(), position_ids=None if own else position, **inputs)
 
     def action_logits(self, prefix: Prefix, ids: torch.Tensor) -> torch.Tensor:
@@ -126,22 +118,14 @@ class Backbone(nn.Module):
 
     def prefill(self, prefix: Prefix, k: int = 1) -> Decoding:
         """One cached forward over N prefixes, then the cache repeated K times (row n * K + j = copy j of prefix n)."""
-        pos = positions(prefix.mask)
-        out = self._call(prefix.mask, pos, **prefix.inputs, use_cache=True, logits_to_keep=1)
-        cache = output_cache(out)
-        if k > 1:
-            cache.batch_repeat_interleave(k)
-        logits = self._logits(out.logits[:, -1]).repeat_interleave(k, dim=0)
-        return Decoding(cache, prefix.mask.repeat_interleave(k, 0), pos[:, -1:].repeat_interleave(k, 0), logits)
+        logits, dec = prefill(self._model(), prefix.mask, k, self._own_positions(), **prefix.inputs)
+        dec.logits = self._logits(logits).repeat_interleave(k, dim=0)
+        return dec
 
     def extend(self, dec: Decoding, ids: torch.Tensor) -> torch.Tensor:
         """Append action ids (M, n) to the decoding -> (M, n, 257): row j = the token after ids[:, j]."""
-        n = ids.shape[1]
-        dec.mask = F.pad(dec.mask, (0, n), value=True)
-        pos = dec.position + torch.arange(1, n + 1, device=ids.device)
-        out = self._call(dec.mask, pos, input_ids=ids, **cache_kwargs(self._model(), dec.cache), use_cache=True)
-        logits = self._logits(out.logits)
-        dec.position, dec.logits = pos[:, -1:], logits[:, -1]
+        logits = self._logits(extend(self._model(), dec, ids, self._own_positions()))
+        dec.logits = logits[:, -1]
         return logits
 
 
