@@ -51,8 +51,11 @@ from sim.config import SimConfig  # noqa: E402
 from sim.env import SimEnv  # noqa: E402
 
 
-def raw_worker(task: str, size: int, seconds: float, queue: mp.Queue) -> None:
-    """Step a plain robosuite environment for `seconds`; put (steps, wall s, CPU s) on the queue."""
+def raw_worker(task: str, size: int, seconds: float, queue: mp.Queue, cpu: int | None = None) -> None:
+    """Step a plain robosuite environment for `seconds` (on CPU `cpu` only, if given); put (steps, wall s,
+    CPU s) on the queue."""
+    if cpu is not None:
+        os.sched_setaffinity(0, {cpu})
     from robosuite.controllers import load_composite_controller_config
 
     from sim.env import _fast_rendering, quiet_robosuite
@@ -84,11 +87,14 @@ def raw_worker(task: str, size: int, seconds: float, queue: mp.Queue) -> None:
     env.close()
 
 
-def measure_raw(task: str, size: int, workers: int, seconds: float) -> tuple[float, float]:
-    """(steps/s summed over `workers` processes, CPU ms per step)."""
+def measure_raw(task: str, size: int, workers: int, seconds: float, pin_cpus: bool = False) -> tuple[float, float]:
+    """(steps/s summed over `workers` processes, CPU ms per step); `pin_cpus`: process i on CPU i, as the
+    runner pins its workers."""
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    procs = [ctx.Process(target=raw_worker, args=(task, size, seconds, queue)) for _ in range(workers)]
+    cpus = sorted(os.sched_getaffinity(0)) if pin_cpus else []
+    procs = [ctx.Process(target=raw_worker, args=(task, size, seconds, queue, cpus[i % len(cpus)] if cpus else None))
+             for i in range(workers)]  # fmt: skip
     for p in procs:
         p.start()
     results = [queue.get() for _ in procs]
@@ -127,7 +133,13 @@ class Still(Policy):
 
 
 def measure_runner(
-    task: str, size: int, workers: int, seconds: float, lockstep: bool = True, per_worker: int = 3
+    task: str,
+    size: int,
+    workers: int,
+    seconds: float,
+    lockstep: bool = True,
+    per_worker: int = 3,
+    pin_cpus: bool = False,
 ) -> tuple[float, float, dict[str, float]]:
     """(steps/s of the runner with `workers` workers, CPU ms per step of workers + main process,
     the runner's RunnerStats summary: where the time went).
@@ -139,7 +151,8 @@ def measure_runner(
 
     cfg = SimConfig(task=task, image_size=max(size, 8), render=size > 0, terminate_on_success=False)
     policy = Still()
-    with Runner(functools.partial(make_timed_env, cfg), workers=workers, lockstep=lockstep) as runner:
+    make_env = functools.partial(make_timed_env, cfg)
+    with Runner(make_env, workers=workers, lockstep=lockstep, pin_cpus=pin_cpus) as runner:
         list(runner.run(episode_specs([task], workers, 0), policy))  # build the environments, warm up
         # From the last policy call of the warm-up to the last one of the final round: whole episodes.
         workers_cpu, main_cpu = dict(policy.cpu), time.process_time()
@@ -163,6 +176,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2, help="alternate raw/runner this often; keep the best")
     parser.add_argument("--per-worker", type=int, default=3, help="episodes per worker in a round of the runner")
     parser.add_argument("--no-async", action="store_true", help="measure the lockstep runner only")
+    parser.add_argument("--pin-cpus", action="store_true", help="pin raw process / runner worker i to CPU i")
     parser.add_argument("--label", default="CPU machine, Mesa llvmpipe EGL")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "sim_throughput.json"))
     args = parser.parse_args()
@@ -173,10 +187,12 @@ def main() -> None:
         for workers in args.workers:
             raw, runner, free = [], [], []
             for _ in range(args.repeats):  # best of: other processes only ever slow a measurement down
-                raw.append(measure_raw(args.task, size, workers, args.seconds))
-                runner.append(measure_runner(args.task, size, workers, args.seconds, True, args.per_worker))
+                raw.append(measure_raw(args.task, size, workers, args.seconds, args.pin_cpus))
+                runner.append(measure_runner(args.task, size, workers, args.seconds, True, args.per_worker,
+                                             args.pin_cpus))  # fmt: skip
                 if not args.no_async and workers > 1:
-                    free.append(measure_runner(args.task, size, workers, args.seconds, False, args.per_worker))
+                    free.append(measure_runner(args.task, size, workers, args.seconds, False, args.per_worker,
+                                               args.pin_cpus))  # fmt: skip
             (raw_rate, _), (runner_rate, _, stats) = max(raw), max(runner, key=lambda r: r[0])
             raw_cpu, runner_cpu = min(c for _, c in raw), min(c for _, c, _ in runner)
             row = {
@@ -206,7 +222,7 @@ def main() -> None:
         "machine": {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count(),
                     "mujoco_gl": os.environ.get("MUJOCO_GL"), "load_average_end": os.getloadavg()},
         "config": {"task": args.task, "seconds": args.seconds, "repeats": args.repeats, "per_worker": args.per_worker,
-                   "goal_runner_over_raw": 0.8},
+                   "pin_cpus": args.pin_cpus, "goal_runner_over_raw": 0.8},
         "results": rows,
     }  # fmt: skip
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -90,6 +90,10 @@ class RunnerConfig:
     # policy acts on the workers that have replied while the others step on (faster with many
     # workers; a stochastic policy's draws then depend on timing). sim/runner.py, docs/sim.md.
     lockstep: bool = True
+    # Pin worker i to CPU i (of the CPUs this process may use, round robin), so that a worker that
+    # waits between steps wakes on the core whose caches hold its simulation. Off by default: it is
+    # measured by benchmarks/sim_throughput.py --pin-cpus, not yet shown to help (docs/sim.md).
+    pin_cpus: bool = False
 
 
 @dataclass

@@ -23,7 +23,7 @@ workers' own timing of each reset and step), in the policy, or neither (workers 
 A worker that crashes (its pipe closes) or hangs (no reply within the reset / step timeout) is
 killed and replaced; its episode is reported as failed, with the reason in `error`, and the run
 goes on. Workers ignore SIGINT: on Ctrl-C the main process stops them (`close`), so an interrupted
-run leaves no stray processes.
+run leaves no stray processes. `pin_cpus=True` pins worker i to the i-th CPU this process may use.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import multiprocessing as mp
+import os
 import time
 import zlib
 from collections import deque
@@ -170,12 +171,14 @@ class Runner:
 
     def __init__(
         self, make_env: EnvFactory, workers: int = 2, reset_timeout_s: float = 180.0, step_timeout_s: float = 60.0,
-        lockstep: bool = True,
+        lockstep: bool = True, pin_cpus: bool = False,
     ) -> None:  # fmt: skip
         if workers < 1:
             raise ValueError(f"need at least one worker, got {workers}")
         self.make_env, self.reset_timeout_s, self.step_timeout_s = make_env, reset_timeout_s, step_timeout_s
         self.lockstep = lockstep
+        cpus = sorted(os.sched_getaffinity(0)) if pin_cpus and hasattr(os, "sched_getaffinity") else []
+        self._cpus = cpus  # worker i runs on cpus[i % len(cpus)] (none: anywhere)
         self.slots = [_Slot(i) for i in range(workers)]
         self.stats = RunnerStats(workers)
         self._ctx = mp.get_context("spawn")  # fresh interpreters: no inherited GL/CUDA/TF state
@@ -183,7 +186,7 @@ class Runner:
     @classmethod
     def from_config(cls, make_env: EnvFactory, cfg: Any) -> Runner:
         """A runner with the settings of a RunnerConfig (sim/config.py)."""
-        return cls(make_env, cfg.workers, cfg.reset_timeout_s, cfg.step_timeout_s, cfg.lockstep)
+        return cls(make_env, cfg.workers, cfg.reset_timeout_s, cfg.step_timeout_s, cfg.lockstep, cfg.pin_cpus)
 
     def __enter__(self) -> Runner:
         return self
@@ -303,8 +306,9 @@ class Runner:
 
     def _spawn(self, slot: _Slot) -> None:
         parent, child = self._ctx.Pipe()
+        cpu = self._cpus[slot.index % len(self._cpus)] if self._cpus else None
         slot.process = self._ctx.Process(
-            target=worker_main, args=(child, self.make_env), name=f"sim-worker-{slot.index}", daemon=True
+            target=worker_main, args=(child, self.make_env, cpu), name=f"sim-worker-{slot.index}", daemon=True
         )
         slot.process.start()
         child.close()

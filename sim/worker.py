@@ -14,6 +14,7 @@ never imports TensorFlow (MuJoCo rendering and TF crash in one process, DESIGN.m
 
 from __future__ import annotations
 
+import os
 import signal
 import time
 import traceback
@@ -57,9 +58,11 @@ class Recorder:
         )
 
 
-def worker_main(conn: Connection, make_env: Callable[[str], Any]) -> None:
-    """Serve reset/step requests until told to close (or the runner goes away)."""
+def worker_main(conn: Connection, make_env: Callable[[str], Any], cpu: int | None = None) -> None:
+    """Serve reset/step requests until told to close (or the runner goes away); on CPU `cpu` only, if given."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the runner's to handle
+    if cpu is not None:
+        os.sched_setaffinity(0, {cpu})
     envs: dict[str, Any] = {}
     env, recorder = None, None
     try:

@@ -50,6 +50,7 @@ class FakeEnv:
             "state": np.full(7, self.t, np.float32),
             "instruction": f"fake {self.task}",
             "privileged": {"task": self.task, "seed": self.seed},
+            "cpus": sorted(os.sched_getaffinity(0)),  # where the worker may run (runner pin_cpus)
         }
 
 

@@ -119,6 +119,27 @@ def test_stats_account_for_the_environments_and_the_policy() -> None:
     assert "environments busy" in stats.line()
 
 
+def test_pinned_workers_each_run_on_their_own_cpu() -> None:
+    import os
+
+    class Where(EchoPolicy):
+        def __init__(self) -> None:
+            super().__init__()
+            self.cpus: dict[int, list[int]] = {}
+
+        def act_batch(self, observations: Sequence[Observation], slots: Sequence[int] | None = None) -> np.ndarray:
+            self.cpus.update({slot: obs["cpus"] for obs, slot in zip(observations, slots, strict=True)})
+            return super().act_batch(observations, slots)
+
+    allowed = sorted(os.sched_getaffinity(0))
+    for pin, workers in ((True, 3), (False, 2)):
+        policy = Where()
+        with Runner(make_fake_env, workers=workers, pin_cpus=pin) as runner:
+            assert all(r.error is None for r in runner.run(specs(range(4)), policy))
+        expected = {i: [allowed[i % len(allowed)]] if pin else allowed for i in range(workers)}
+        assert policy.cpus == expected
+
+
 def test_a_crashing_worker_fails_its_episode_and_the_run_goes_on() -> None:
     make_env = functools.partial(make_fake_env, crash_seed=4)
     with Runner(make_env, workers=2) as runner:
