@@ -181,6 +181,8 @@ def main() -> None:
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "sim_throughput.json"))
     args = parser.parse_args()
     os.environ.setdefault("MUJOCO_GL", "egl")
+    if args.pin_cpus and not hasattr(os, "sched_getaffinity"):
+        parser.error("--pin-cpus needs Linux (os.sched_setaffinity)")
 
     rows = []
     for size in args.sizes:

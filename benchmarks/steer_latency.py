@@ -87,10 +87,8 @@ def build_critic(args: argparse.Namespace, device: str):
     cfg = ValueConfig(algo="calql", encoder=EncoderConfig(arch=args.critic_arch))
     critic = random_critic(cfg, fake_stats(), args.critic_size, device=device, bf16=args.bf16,
                            cuda_graphs=args.cuda_graphs)  # fmt: skip
-    if args.compile:
-        import torch
-
-        critic.critic.encoder = torch.compile(critic.critic.encoder)
+    if args.compile:  # in place, as train_value compile=true does (values/train.py compile_encoders)
+        critic.critic.encoder.compile()
     return critic, sum(p.numel() for p in critic.critic.parameters())
 
 

@@ -177,8 +177,10 @@ class Runner:
             raise ValueError(f"need at least one worker, got {workers}")
         self.make_env, self.reset_timeout_s, self.step_timeout_s = make_env, reset_timeout_s, step_timeout_s
         self.lockstep = lockstep
-        cpus = sorted(os.sched_getaffinity(0)) if pin_cpus and hasattr(os, "sched_getaffinity") else []
-        self._cpus = cpus  # worker i runs on cpus[i % len(cpus)] (none: anywhere)
+        if pin_cpus and not hasattr(os, "sched_getaffinity"):
+            log.warning("runner.pin_cpus: this system cannot pin processes to CPUs (Linux only); workers run anywhere")
+        pinnable = pin_cpus and hasattr(os, "sched_getaffinity")
+        self._cpus = sorted(os.sched_getaffinity(0)) if pinnable else []  # worker i on _cpus[i % n]; none: anywhere
         self.slots = [_Slot(i) for i in range(workers)]
         self.stats = RunnerStats(workers)
         self._ctx = mp.get_context("spawn")  # fresh interpreters: no inherited GL/CUDA/TF state

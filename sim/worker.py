@@ -8,8 +8,8 @@ Messages from the runner and the replies (sim/runner.py sends them):
     an exception in the environment -> ("error", traceback text)
 
 The trajectory of an episode whose spec asks for `record` comes with its last step. `timing` is
-(wall s, CPU s) the worker spent in the environment for that request (the runner's RunnerStats). This module
-never imports TensorFlow (MuJoCo rendering and TF crash in one process, DESIGN.md).
+(wall s, CPU s) the worker spent in the environment for that request (the runner's RunnerStats).
+This module never imports TensorFlow (MuJoCo rendering and TF crash in one process, DESIGN.md).
 """
 
 from __future__ import annotations
@@ -73,20 +73,20 @@ def worker_main(conn: Connection, make_env: Callable[[str], Any], cpu: int | Non
                 return  # the runner is gone
             if message[0] == "close":
                 return
-            start, cpu = time.perf_counter(), time.process_time()
+            start, cpu_start = time.perf_counter(), time.process_time()
             try:
                 if message[0] == "reset":
                     spec = message[1]
                     env = envs.get(spec.task) or envs.setdefault(spec.task, make_env(spec.task))
                     obs = env.reset(spec.seed)
                     recorder = Recorder(obs) if spec.record else None
-                    conn.send(("obs", obs, (time.perf_counter() - start, time.process_time() - cpu)))
+                    conn.send(("obs", obs, (time.perf_counter() - start, time.process_time() - cpu_start)))
                 else:  # "step"
                     obs, reward, done, info = env.step(message[1])
                     if recorder is not None:
                         recorder.add(message[1], obs)
                     trajectory = recorder.trajectory() if done and recorder is not None else None
-                    timing = (time.perf_counter() - start, time.process_time() - cpu)
+                    timing = (time.perf_counter() - start, time.process_time() - cpu_start)
                     conn.send(("step", obs, reward, done, info, trajectory, timing))
             except Exception:
                 conn.send(("error", traceback.format_exc()))

@@ -137,8 +137,8 @@ def train_qsft(cfg: TrainQSFTConfig) -> Path:
             sum(p.numel() for p in model.q.parameters()) / 1e6, device, dist.rank, dist.world, len(train[0]), start,
         )  # fmt: skip
         if shared:
-            log.info("LoRA: the three copies share their frozen base weights (%.2fM parameters held once)",
-                     shared / 2e6)  # fmt: skip
+            log.info("LoRA: the three copies share their frozen base weights (%.2fM fewer parameters in memory)",
+                     shared / 1e6)  # fmt: skip
         _loop(cfg, model, optimizer, scheduler, train, val, start, run)
     return run_dir
 

@@ -141,7 +141,11 @@ def test_coordinate_channels_enter_through_the_stem_convolution(arch: str) -> No
     enc = FiLMResNet(EncoderConfig(arch=arch), cond_dim=8)
     stem = enc.net.conv1[0] if isinstance(enc.net.conv1, torch.nn.Sequential) else enc.net.conv1
     assert isinstance(stem, CoordStemConv) and stem.weight.shape[1] == 5
-    assert any(k.endswith("conv1.weight") or k.endswith("conv1.0.weight") for k in enc.state_dict())
+    # the checkpoint is that of the same network without the swap: same keys, same shapes
+    unswapped = FiLMResNet(EncoderConfig(arch=arch, coord_channels=False), cond_dim=8).state_dict()
+    keys = [k for k, v in enc.state_dict().items() if v.shape != unswapped[k].shape]
+    assert list(enc.state_dict()) == list(unswapped) and keys == [next(k for k in unswapped if "conv1" in k)]
+    assert enc.state_dict()[keys[0]].shape[1] == 5 and unswapped[keys[0]].shape[1] == 3
     xy = coordinate_channels(6, 10, torch.device("cpu"))
     assert torch.equal(xy[0, 0, 3], torch.linspace(-1, 1, 10)) and torch.equal(xy[0, 1, :, 7], torch.linspace(-1, 1, 6))
     rgb = torch.randn(3, 3, 6, 10, requires_grad=True)
