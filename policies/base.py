@@ -11,16 +11,24 @@ left of it (history windows, chunk queues and temporal ensembling all live insid
 optional `state` (7,) float32, `instruction` str; simulators may add `privileged` (their true
 state, for scripted experts).
 
-Batched evaluation runs N episodes at once in *slots* 0..N-1: `reset(instruction, slot=i)`,
+Batched evaluation runs N episodes at once in *slots* 0..N-1: `reset(instruction, slot=i, seed=s)`,
 `act_batch(observations, slots) -> (N, chunk, 7)` and
 `sample_actions_batch(observations, k, slots) -> (N, k, chunk, 7)`. The base class implements
 them with loops over the single-episode methods; GPU policies override them with one forward pass.
+
+Randomness is per episode: a policy draws every random number of a slot's episode from that slot's
+own generators (`episode_stream`), seeded from the policy's `seed` and the episode `seed` given to
+`reset` (the simulator's episode seed in evaluations). So an episode's draws do not depend on which
+slot runs it or on which other slots share its batches, and the sim runner can batch whichever
+workers are ready (sim/runner.py). Without an episode seed, each reset of a slot starts the next of
+that slot's own streams.
 
 This module imports NumPy only: remote clients and servers are Policies too.
 """
 
 from __future__ import annotations
 
+import zlib
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -39,13 +47,36 @@ class Policy(ABC):
 
     #: Actions per chunk returned by `act` / `sample_actions`.
     chunk: int = 1
+    #: Mixed into every episode's random streams (`policy.seed` in the configs).
+    seed: int = 0
 
     def __init__(self) -> None:
         self.instructions: dict[int, str] = {}
+        self._episodes: dict[int, tuple[int, tuple[int, ...]]] = {}  # slot -> (resets so far, entropy)
+        self._streams: dict[tuple[int, str], tuple[int, Any]] = {}  # (slot, stream) -> (episode, generator)
 
-    def reset(self, instruction: str, slot: int = 0) -> None:
-        """Start a new episode in `slot`; clears that slot's history."""
+    def reset(self, instruction: str, slot: int = 0, seed: int | None = None) -> None:
+        """Start a new episode in `slot`; clears that slot's history. `seed` (the episode's: the
+        simulator seed in evaluations) fixes the random numbers the policy draws in the episode."""
+        if seed is not None and not 0 <= int(seed) < 2**63:
+            raise ValueError(f"episode seed {seed} is outside [0, 2**63)")
         self.instructions[slot] = instruction
+        count = self._episodes.get(slot, (0, ()))[0] + 1
+        self._episodes[slot] = (count, (1, int(seed)) if seed is not None else (0, slot, count))
+
+    def episode_stream(self, slot: int, stream: str, make: Callable[[int], Any] = np.random.default_rng) -> Any:
+        """The generator of random stream `stream` (a name) in the slot's current episode.
+
+        Built by `make(seed)` (NumPy's by default; a torch.Generator for GPU policies) at the episode's
+        first draw, from a 64-bit seed that depends only on the policy's `seed`, the stream's name and
+        the episode seed given to `reset`; later calls in the episode return the same generator.
+        """
+        count, entropy = self._episodes.get(slot, (0, (0, slot, 0)))
+        cached = self._streams.get((slot, stream))
+        if cached is None or cached[0] != count:
+            words = np.random.SeedSequence([int(self.seed) % 2**63, zlib.crc32(stream.encode()), *entropy])
+            cached = self._streams[(slot, stream)] = (count, make(int(words.generate_state(1, np.uint64)[0])))
+        return cached[1]
 
     @abstractmethod
     def sample_actions(self, obs: Observation, k: int, slot: int = 0) -> np.ndarray:
@@ -137,13 +168,13 @@ class RandomPolicy(Policy):
 
     def __init__(self, translation: float = 0.02, rotation: float = 0.1, chunk: int = 1, seed: int = 0) -> None:
         super().__init__()
-        self.chunk = chunk
+        self.chunk, self.seed = chunk, seed
         self.limits = np.array([translation] * 3 + [rotation] * 3, dtype=np.float32)
-        self.rng = np.random.default_rng(seed)
 
     def sample_actions(self, obs: Observation, k: int, slot: int = 0) -> np.ndarray:
-        arm = self.rng.uniform(-1, 1, (k, self.chunk, 6)).astype(np.float32) * self.limits
-        gripper = self.rng.integers(0, 2, (k, self.chunk, 1)).astype(np.float32)
+        rng = self.episode_stream(slot, "random")
+        arm = rng.uniform(-1, 1, (k, self.chunk, 6)).astype(np.float32) * self.limits
+        gripper = rng.integers(0, 2, (k, self.chunk, 1)).astype(np.float32)
         return np.concatenate([arm, gripper], axis=-1)
 
 

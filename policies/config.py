@@ -120,7 +120,7 @@ class LearnedPolicyConfig(PolicyConfig):
     unnorm_key: str | None = None
     # auto (cuda if available), cuda, cpu.
     device: str = "auto"
-    # Seed of the sampling noise.
+    # Seed of the sampling noise (mixed with each episode's seed: Policy.episode_stream).
     seed: int = 0
 
 
@@ -174,7 +174,7 @@ class SteerConfig:
     dataset: str | None = None
     # auto (cuda if available), cuda, cpu.
     device: str = "auto"
-    # Seed of the softmax sampling (per slot: [seed, slot]).
+    # Seed of the softmax sampling and of a random critic (mixed with each episode's seed: Policy.episode_stream).
     seed: int = 0
     # GPU only: bf16 autocast of the critic (train_value trains with it), and one CUDA graph per
     # batch shape (removes the critic's kernel-launch overhead: on one H200, K=50 steering costs
@@ -227,7 +227,7 @@ class OctoPolicyConfig(PolicyConfig):
     chunk: int = 4
     # Primary image side after resizing (Octo's primary camera: 256).
     image_size: int = 256
-    # Seed of the diffusion head's noise (per slot: [seed, slot]).
+    # Seed of the diffusion head's noise (mixed with each episode's seed: Policy.episode_stream).
     seed: int = 0
     # `act`: re-plan every exec_horizon steps, or temporal ensembling (SimplerEnv's Octo setting:
     # exec_horizon 1, ensembling with uniform weights, ensemble_temp 0).

@@ -170,12 +170,19 @@ class FlowModel(nn.Module):
     @torch.no_grad()
     def sample(
         self, images: torch.Tensor, instructions: Sequence[str], k: int, generator: torch.Generator | None = None,
-        noise_scale: float = 1.0, steps: int | None = None,
+        noise_scale: float = 1.0, steps: int | None = None, noise: torch.Tensor | None = None,
     ) -> torch.Tensor:  # fmt: skip
-        """K normalised chunks per observation (N, K, chunk, 7): encode once, integrate K noises in one batch."""
+        """K normalised chunks per observation (N, K, chunk, 7): encode once, integrate K noises in one batch.
+
+        `noise`: the (N * K, chunk, 7) standard normal starting points (else drawn from `generator`).
+        """
         cond = self.encode(images, instructions).repeat_interleave(k, dim=0)  # (N * K, W): row n * K + j
         M, steps = cond.shape[0], steps or self.cfg.flow_steps
-        x = noise_scale * torch.randn((M, self.chunk, ACTION_DIM), generator=generator, device=cond.device)
+        if noise is None:
+            noise = torch.randn((M, self.chunk, ACTION_DIM), generator=generator, device=cond.device)
+        elif noise.shape != (M, self.chunk, ACTION_DIM):
+            raise ValueError(f"noise of shape {tuple(noise.shape)}, expected {(M, self.chunk, ACTION_DIM)}")
+        x = noise_scale * noise
         for i in range(steps):
             t = torch.full((M,), i / steps, device=cond.device)
             x = x + self.velocity(cond, x, t).float() / steps
@@ -210,12 +217,13 @@ class FlowPolicy(LearnedPolicy):
         self.noise_scale = float(cfg.noise_scale)
         self.chunker = ActionChunker(self.chunk, int(cfg.exec_horizon), bool(cfg.ensemble), float(cfg.ensemble_temp))
 
-    def reset(self, instruction: str, slot: int = 0) -> None:
-        super().reset(instruction, slot)
+    def reset(self, instruction: str, slot: int = 0, seed: int | None = None) -> None:
+        super().reset(instruction, slot, seed)
         self.chunker.reset(slot)
 
-    def _sample(self, images: torch.Tensor, instructions: list[str], k: int) -> torch.Tensor:
-        return self.model.sample(images, instructions, k, self.generator, self.noise_scale)
+    def _sample(self, images: torch.Tensor, instructions: list[str], k: int, slots: list[int]) -> torch.Tensor:
+        noise = self.draw(slots, (k, self.chunk, ACTION_DIM), normal=True)
+        return self.model.sample(images, instructions, k, noise_scale=self.noise_scale, noise=noise)
 
     def act(self, obs: Observation, slot: int = 0) -> np.ndarray:
         return self.act_batch([obs], [slot])[0]

@@ -135,7 +135,8 @@ def normalised_bounds(mode: str) -> tuple[np.ndarray, np.ndarray]:
 class LearnedPolicy(Policy):
     """A trained policy model behind the Policy contract: batched over slots, canonical actions out.
 
-    Subclasses implement `_sample(images, instructions, k) -> (N, k, chunk, 7)` normalised actions.
+    Subclasses implement `_sample(images, instructions, k, slots) -> (N, k, chunk, 7)` normalised
+    actions, drawing their noise with `draw` (each slot's rows from that slot's episode generator).
     """
 
     def __init__(self, loaded: LoadedModel, cfg: Any, device: torch.device) -> None:
@@ -146,12 +147,22 @@ class LearnedPolicy(Policy):
         stats = dataset_stats(loaded.stats, cfg.unnorm_key, str(loaded.path))
         self.normalizer = ActionNormalizer(stats, mode, source=f"{loaded.path}/{STATS_FILE}")
         self.low, self.high = (torch.as_tensor(b, device=device) for b in normalised_bounds(mode))
-        self.generator = torch.Generator(device=device)
-        self.generator.manual_seed(int(cfg.seed))
+        self.seed = int(cfg.seed)
         self.checkpoint = loaded.path
 
-    def _sample(self, images: torch.Tensor, instructions: list[str], k: int) -> torch.Tensor:
+    def _sample(self, images: torch.Tensor, instructions: list[str], k: int, slots: list[int]) -> torch.Tensor:
         raise NotImplementedError
+
+    def generator(self, slot: int) -> torch.Generator:
+        """The torch generator of the slot's current episode, on the policy's device."""
+        return self.episode_stream(slot, "sample", lambda seed: torch.Generator(self.device).manual_seed(seed))
+
+    def draw(self, slots: Sequence[int], shape: tuple[int, ...], normal: bool = False) -> torch.Tensor:
+        """(len(slots) * shape[0], *shape[1:]) float32 on the device: uniform in [0, 1) (or standard
+        normal), rows i * shape[0] .. of slot i drawn from its own generator, so that they do not
+        depend on the other slots of the batch (nor on the batch size)."""
+        fn = torch.randn if normal else torch.rand
+        return torch.cat([fn(shape, generator=self.generator(s), device=self.device) for s in slots])
 
     def sample_actions(self, obs: Observation, k: int, slot: int = 0) -> np.ndarray:
         """(k, chunk, 7) canonical candidate chunks for one observation."""
@@ -169,7 +180,7 @@ class LearnedPolicy(Policy):
         images = stack_images([_image(o) for o in observations], self.model.image_size).to(self.device)
         instructions = [self._instruction(o, s) for o, s in zip(observations, slots, strict=True)]
         with torch.inference_mode():
-            norm = self._sample(images, instructions, k)  # (N, k, chunk, 7)
+            norm = self._sample(images, instructions, k, slots)  # (N, k, chunk, 7)
             norm = torch.maximum(torch.minimum(norm.float(), self.high), self.low)
             actions = self.normalizer.unnormalize(norm).cpu().numpy()
         return np.stack([check_actions(a, k, self.chunk, type(self).__name__) for a in actions])

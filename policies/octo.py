@@ -130,7 +130,6 @@ class OctoPolicy(Policy):
         self._history: dict[int, deque[np.ndarray]] = {}
         self._steps: dict[int, int] = {}
         self._tasks: dict[int, tuple[str, Any]] = {}
-        self._rngs: dict[int, np.random.Generator] = {}
 
     def _check_model(self) -> None:
         """The window and chunk must fit what the checkpoint was trained with (when it says)."""
@@ -147,12 +146,11 @@ class OctoPolicy(Policy):
         if horizon is not None and not 1 <= self.chunk <= horizon:
             raise UserError(f"policy.chunk={self.chunk}: this Octo checkpoint predicts {horizon} actions per chunk.")
 
-    def reset(self, instruction: str, slot: int = 0) -> None:
-        super().reset(instruction, slot)
+    def reset(self, instruction: str, slot: int = 0, seed: int | None = None) -> None:
+        super().reset(instruction, slot, seed)
         self._history.pop(slot, None)
         self._steps.pop(slot, None)
         self.chunker.reset(slot)
-        self._rngs[slot] = np.random.default_rng([self.seed, slot])
 
     def sample_actions(self, obs: Observation, k: int, slot: int = 0) -> np.ndarray:
         if k < 1:
@@ -201,7 +199,7 @@ class OctoPolicy(Policy):
         # (1, window): False on the copies that pad the start of an episode, True on real steps
         pad_mask = (np.arange(self.window) >= self.window - min(steps, self.window))[None]
         observations = {"image_primary": np.stack(self._history[slot])[None], "timestep_pad_mask": pad_mask}
-        rng = self._rngs.setdefault(slot, np.random.default_rng([self.seed, slot]))
+        rng = self.episode_stream(slot, "octo")
         key = self.ops.key(int(rng.integers(2**31)))
         normalised = self.model.sample_actions(
             observations, self._tasks[slot][1], timestep_pad_mask=pad_mask, sample_shape=(k,), rng=key

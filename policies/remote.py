@@ -191,9 +191,10 @@ class RemotePolicy(Policy):
 
     # The Policy contract -------------------------------------------------------------------------
 
-    def reset(self, instruction: str, slot: int = 0) -> None:
-        super().reset(instruction, slot)
-        self._call({"method": "reset", "slot": int(slot), "instruction": instruction})
+    def reset(self, instruction: str, slot: int = 0, seed: int | None = None) -> None:
+        super().reset(instruction, slot, seed)
+        request = {"method": "reset", "slot": int(slot), "instruction": instruction}
+        self._call(request if seed is None else {**request, "seed": int(seed)})
 
     def sample_actions(self, obs: Observation, k: int, slot: int = 0) -> np.ndarray:
         reply = self._call({"method": "sample_actions", "slot": int(slot), "k": int(k)}, observation_payload(obs))

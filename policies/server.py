@@ -221,8 +221,11 @@ class PolicyServer:
             slot, instruction = _slot(control.get("slot", 0)), control.get("instruction")
             if not isinstance(instruction, str):
                 raise BadRequest("reset needs an `instruction` string")
+            seed = control.get("seed")
+            if seed is not None and (type(seed) is not int or not 0 <= seed < 2**63):
+                raise BadRequest(f"seed={seed!r}: an episode seed is an integer in [0, 2**63)")
             with self._inference:
-                policy.reset(instruction, slot)
+                policy.reset(instruction, slot, seed)
             session.instructions[slot] = instruction
             return {"instruction": instruction}
         k = self._k(control) if method.startswith("sample") else 1

@@ -53,13 +53,20 @@ class Scorer(Protocol):
 
 
 class RandomScorer:
-    """I.i.d. uniform scores: steering with it picks a uniformly random candidate (the sanity check)."""
+    """I.i.d. uniform scores: steering with it picks a uniformly random candidate (the sanity check).
+
+    ValueSteeredPolicy passes each row's episode generator (`rngs`), so that a row's scores do not
+    depend on the other rows of the batch; without them the scorer draws from its own.
+    """
 
     def __init__(self, seed: int = 0) -> None:
         self.rng = np.random.default_rng([seed, 0x5C0FE])
 
-    def score_batch(self, observations: Sequence[Observation], actions: np.ndarray) -> np.ndarray:
-        return self.rng.random(np.shape(actions)[:2])
+    def score_batch(
+        self, observations: Sequence[Observation], actions: np.ndarray, rngs: Sequence[Any] | None = None
+    ) -> np.ndarray:
+        n, k = np.shape(actions)[:2]
+        return np.stack([r.random(k) for r in rngs]) if rngs is not None else self.rng.random((n, k))
 
 
 @dataclass
@@ -126,12 +133,11 @@ class ValueSteeredPolicy(Policy):
         self.chunker = ActionChunker(self.chunk, exec_horizon, ensemble, ensemble_temp)
         self.last_stats: dict[int, StepStats] = {}
         self.totals = SpreadTotals()
-        self._rngs: dict[int, np.random.Generator] = {}
         self._warned_identical = False
 
-    def reset(self, instruction: str, slot: int = 0) -> None:
-        super().reset(instruction, slot)
-        self.base.reset(instruction, slot)
+    def reset(self, instruction: str, slot: int = 0, seed: int | None = None) -> None:
+        super().reset(instruction, slot, seed)
+        self.base.reset(instruction, slot, seed)
         self.chunker.reset(slot)
         self.last_stats.pop(slot, None)
 
@@ -146,9 +152,12 @@ class ValueSteeredPolicy(Policy):
         if candidates.shape != (len(slots), k, self.chunk, 7):
             raise ValueError(f"base policy returned {candidates.shape}, expected {(len(slots), k, self.chunk, 7)}")
         first = candidates[:, :, 0]  # V-GPS scores the first action of each chunk
-        q = _to_numpy(
-            self.critic.score_batch(observations, first) if emb is None else self.critic.score_embedded(emb, first)
-        )
+        if isinstance(self.critic, RandomScorer):
+            q = self.critic.score_batch(observations, first, [self.episode_stream(s, "random critic") for s in slots])
+        elif emb is None:
+            q = _to_numpy(self.critic.score_batch(observations, first))
+        else:
+            q = _to_numpy(self.critic.score_embedded(emb, first))
         if q.shape != (len(slots), k) or not np.isfinite(q).all():
             raise ValueError(f"the critic returned scores of shape {q.shape} (expected {(len(slots), k)}) or NaN")
         return candidates, q
@@ -156,7 +165,7 @@ class ValueSteeredPolicy(Policy):
     def steer_batch(self, observations: Sequence[Observation], slots: Sequence[int]) -> np.ndarray:
         """(N, chunk, 7): the chosen candidate chunk of each slot; records its StepStats."""
         candidates, q = self.rank_batch(observations, self.k, slots)
-        chosen = np.array([choose(q[i], self.beta, self._rng(s)) for i, s in enumerate(slots)])
+        chosen = np.array([choose(q[i], self.beta, self.episode_stream(s, "steering")) for i, s in enumerate(slots)])
         for i, slot in enumerate(slots):
             stats = StepStats(float(q[i].max()), float(q[i].min()), float(q[i].mean()), float(q[i].std()),
                               int(chosen[i]), float(q[i, chosen[i]]))  # fmt: skip
@@ -201,11 +210,6 @@ class ValueSteeredPolicy(Policy):
 
     def close(self) -> None:
         self.base.close()
-
-    def _rng(self, slot: int) -> np.random.Generator:
-        if slot not in self._rngs:  # per slot: a slot's draws do not depend on the other slots' steps
-            self._rngs[slot] = np.random.default_rng([self.seed, slot])
-        return self._rngs[slot]
 
     def _with_instruction(self, obs: Observation, slot: int) -> Observation:
         if obs.get("instruction"):

@@ -195,14 +195,15 @@ class VLAModel(nn.Module):
     @torch.no_grad()
     def sample(
         self, images: torch.Tensor, instructions: Sequence[str], k: int, temperature: float = 1.0, top_k: int = 0,
-        generator: torch.Generator | None = None, fused: bool = True,
+        generator: torch.Generator | None = None, fused: bool = True, uniform: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
         """K actions per observation: ids (N, K, 7) and their log-probabilities (N, K) under the model (T = 1).
 
         1. one forward over the N prefixes, with the KV cache;
         2. the cache and the last logits repeated K times per row (rows n*K .. n*K + K-1 = obs n);
-        3. 7 steps: logits restricted to the 256 action ids -> Gumbel-max sample at `temperature`
-           (0 = greedy; all K identical, so it decodes once and repeats) -> one-token forward.
+        3. 7 steps: logits restricted to the 256 action ids -> a sample at `temperature` (`choose`,
+           with the row's number of `uniform` (N * K, 7), else drawn from `generator`; 0 = greedy:
+           all K identical, so it decodes once and repeats) -> one-token forward.
 
         `fused`: a Llama LM decodes through policies/llama_stack.py (preallocated cache, only the
         action ids' logits), else and for other LMs through transformers' forward; same numbers.
@@ -210,6 +211,7 @@ class VLAModel(nn.Module):
         if temperature <= 0 and k > 1:
             ids, logp = self.sample(images, instructions, 1, 0.0, top_k, generator, fused)
             return ids.expand(-1, k, -1).clone(), logp.expand(-1, k).clone()
+        uniform = token_uniforms(uniform, images.shape[0] * k, temperature, generator, images.device)
         prefix = self.embed_prefix(images, instructions)
         stack = cached_stack(self, [self.lm], self.tokens.columns) if fused else None
         if stack is not None:
@@ -220,7 +222,7 @@ class VLAModel(nn.Module):
         N = prefix.mask.shape[0]
         chosen, logp = [], torch.zeros(N * k, device=prefix.mask.device)
         for step in range(ACTION_DIM):  # scores: (N * K, 256) float logits of the action ids
-            index = choose(scores, temperature, top_k, generator)
+            index = choose(scores, temperature, top_k, uniform=None if uniform is None else uniform[:, step])
             logp += scores.log_softmax(-1).gather(1, index[:, None])[:, 0]
             chosen.append(index)
             if step < ACTION_DIM - 1:
@@ -236,21 +238,42 @@ class VLAModel(nn.Module):
 
 
 def choose(
-    scores: torch.Tensor, temperature: float, top_k: int = 0, generator: torch.Generator | None = None
-) -> torch.Tensor:
+    scores: torch.Tensor, temperature: float, top_k: int = 0, generator: torch.Generator | None = None,
+    uniform: torch.Tensor | None = None,
+) -> torch.Tensor:  # fmt: skip
     """Indices (M,) drawn from softmax(scores / temperature) over (M, C) scores; temperature 0 = argmax.
 
-    Gumbel-max: argmax(scores / T - log E) with E ~ Exp(1) samples the softmax exactly; each row
-    uses its own noise, so a row's sample does not depend on the other rows of the batch.
+    Inverse-CDF sampling: row m takes the first index whose cumulative probability reaches
+    (1 - uniform[m]) of the row's total, with `uniform` (M,) in [0, 1) (drawn from `generator` when
+    not given). One number per row and action token: a caller that draws each row's numbers from
+    that row's own generator (policies.learned.LearnedPolicy.draw) gets samples that do not depend
+    on the other rows. A zero-probability index (masked by `top_k`) is never taken.
     """
     if temperature <= 0:
         return scores.argmax(-1)
-    scores = scores / temperature
+    scores = scores.float() / temperature
     if 0 < top_k < scores.shape[-1]:
         kth = scores.topk(top_k, dim=-1).values[:, -1:]
         scores = scores.masked_fill(scores < kth, float("-inf"))
-    noise = torch.empty_like(scores).exponential_(generator=generator)
-    return (scores - noise.log()).argmax(-1)
+    if uniform is None:
+        uniform = torch.rand(scores.shape[0], generator=generator, device=scores.device)
+    cdf = scores.softmax(-1).cumsum(-1)
+    target = (1.0 - uniform.to(cdf.dtype)) * cdf[:, -1]  # in (0, total]: never before the first mass
+    return torch.searchsorted(cdf, target[:, None])[:, 0].clamp(max=scores.shape[-1] - 1)
+
+
+def token_uniforms(
+    uniform: torch.Tensor | None, rows: int, temperature: float, generator: torch.Generator | None,
+    device: torch.device,
+) -> torch.Tensor | None:  # fmt: skip
+    """The (rows, 7) numbers `choose` samples the 7 action tokens with (None when greedy)."""
+    if temperature <= 0:
+        return None
+    if uniform is None:
+        return torch.rand((rows, ACTION_DIM), generator=generator, device=device)
+    if uniform.shape != (rows, ACTION_DIM):
+        raise ValueError(f"uniform numbers of shape {tuple(uniform.shape)}, expected {(rows, ACTION_DIM)}")
+    return uniform
 
 
 def _vision_without_download(cfg: Any) -> Any:
@@ -272,8 +295,10 @@ class VLAPolicy(LearnedPolicy):
         super().__init__(loaded, cfg, device)
         self.temperature, self.top_k, self.fused = float(cfg.temperature), int(cfg.top_k), bool(cfg.fused)
 
-    def _sample(self, images: torch.Tensor, instructions: list[str], k: int) -> torch.Tensor:
-        ids, _ = self.model.sample(images, instructions, k, self.temperature, self.top_k, self.generator, self.fused)
+    def _sample(self, images: torch.Tensor, instructions: list[str], k: int, slots: list[int]) -> torch.Tensor:
+        uniform = self.draw(slots, (k, ACTION_DIM)) if self.temperature > 0 else None
+        ids, _ = self.model.sample(images, instructions, k, self.temperature, self.top_k, fused=self.fused,
+                                   uniform=uniform)  # fmt: skip
         return self.model.tokens.decode(ids)[:, :, None]  # (N, K, 7) -> (N, K, chunk=1, 7)
 
 

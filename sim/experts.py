@@ -293,8 +293,8 @@ class ScriptedPolicy(Policy):
         self.corruption, self.seed, self.candidate_noise = corruption, seed, candidate_noise
         self.scripts: dict[int, Script] = {}
 
-    def reset(self, instruction: str, slot: int = 0) -> None:
-        super().reset(instruction, slot)
+    def reset(self, instruction: str, slot: int = 0, seed: int | None = None) -> None:
+        super().reset(instruction, slot, seed)
         self.scripts.pop(slot, None)
 
     def sample_actions(self, obs: Observation, k: int, slot: int = 0) -> np.ndarray:

@@ -10,16 +10,20 @@ worker `i`.
         for result in runner.run(specs, policy):       # EpisodeResults, in order of completion
             ...
 
-`lockstep=True` (the default) gathers every due reply before each policy call, so the batches, and
-with them a stochastic policy's draws, are the same on every run. `lockstep=False` calls the policy
-as soon as any worker has replied, on the workers ready then, and sends their actions while the
-others still step: no worker waits for the slowest one (or for another's reset), which keeps more of
-the environments' throughput with many workers (benchmarks/sim_throughput.py), but a policy that
-draws its noise for the whole batch then draws differently from run to run.
+`lockstep=False` (the default) calls the policy as soon as any worker has replied, on the workers
+ready then, and sends their actions while the others still step: no worker waits for the slowest
+one (or for another's reset), which keeps more of the environments' throughput with many workers
+(benchmarks/sim_throughput.py). `lockstep=True` gathers every due reply before each policy call, so
+that the batches themselves are the same on every run.
 
-Every episode's initial state is fully determined by its `EpisodeSpec` (task, seed), whichever
-worker runs it. `runner.stats` (RunnerStats) says where the time went: in the environments (the
-workers' own timing of each reset and step), in the policy, or neither (workers waiting).
+Every episode is determined by its `EpisodeSpec` (task, seed), whichever worker runs it and
+whichever episodes share its batches: the seed fixes the initial state, and the runner passes it to
+`policy.reset`, whose random draws in the episode then come from that seed alone (the Policy
+contract, policies/base.py). Both modes give the same episodes, up to the floating-point effects of
+batch size on a GPU model's kernels (lockstep reruns are bit-identical).
+
+`runner.stats` (RunnerStats) says where the time went: in the environments (the workers' own timing
+of each reset and step), in the policy, or neither (workers waiting).
 A worker that crashes (its pipe closes) or hangs (no reply within the reset / step timeout) is
 killed and replaced; its episode is reported as failed, with the reason in `error`, and the run
 goes on. Workers ignore SIGINT: on Ctrl-C the main process stops them (`close`), so an interrupted
@@ -171,7 +175,7 @@ class Runner:
 
     def __init__(
         self, make_env: EnvFactory, workers: int = 2, reset_timeout_s: float = 180.0, step_timeout_s: float = 60.0,
-        lockstep: bool = True, pin_cpus: bool = False,
+        lockstep: bool = False, pin_cpus: bool = False,
     ) -> None:  # fmt: skip
         if workers < 1:
             raise ValueError(f"need at least one worker, got {workers}")
@@ -264,7 +268,7 @@ class Runner:
         if kind == "obs":
             slot.obs, slot.instruction = reply[1], reply[1].get("instruction", "")
             self.stats.add_env(reply[2], step=False)
-            policy.reset(slot.instruction, slot.index)
+            policy.reset(slot.instruction, slot.index, slot.spec.seed)  # the episode's draws: from its seed
             return None
         if kind == "step":
             _, obs, reward, done, info, trajectory, timing = reply

@@ -86,8 +86,7 @@ class OpenVLAPolicy(Policy):
         self.stats = action_stats(loaded.norm_stats, cfg.unnorm_key, str(loaded.path))
         self.temperature, self.top_k, self.greedy_act = float(cfg.temperature), int(cfg.top_k), bool(cfg.greedy_act)
         self.fused = bool(cfg.fused)
-        self.generator = torch.Generator(device=device)
-        self.generator.manual_seed(int(cfg.seed))
+        self.seed = int(cfg.seed)
         self.llm_backbone_id = self.model.arch.llm_backbone_id
         self._prompts: dict[str, torch.Tensor] = {}
 
@@ -106,7 +105,8 @@ class OpenVLAPolicy(Policy):
     def _decode(self, obs: Observation, slot: int, k: int, temperature: float, restrict: bool) -> np.ndarray:
         pixel_values, input_ids = self.inputs(obs, slot)
         with torch.inference_mode():
-            ids, _ = self.model.sample(pixel_values, input_ids, k, temperature, self.top_k, restrict, self.generator,
+            generator = self.episode_stream(slot, "sample", lambda seed: torch.Generator(self.device).manual_seed(seed))
+            ids, _ = self.model.sample(pixel_values, input_ids, k, temperature, self.top_k, restrict, generator,
                                        self.fused)  # fmt: skip
         normalised = bin_centres(self.model.tokens, ids.cpu().numpy())  # (K, 7) float64, as published
         actions = to_canonical(unnormalize(normalised, self.stats))[:, None]  # (K, 7) -> (K, chunk=1, 7)

@@ -22,7 +22,7 @@ from omegaconf import OmegaConf
 from configs.checkpoint import MODEL_FILE, resolve_checkpoint
 from configs.errors import UserError
 from data.normalize import ActionNormalizer
-from policies.base import POLICIES, Observation, Policy
+from policies.base import ACTION_DIM, POLICIES, Observation, Policy
 from policies.learned import CONFIG_FILE, STATS_FILE, LearnedPolicy, LoadedModel, dataset_stats, resolve_device
 from policies.qsft.lora import lora_enabled, merge_lora
 from policies.qsft.qsft import CRITIC_MODES, QSFTModel
@@ -66,9 +66,10 @@ class QSFTPolicy(LearnedPolicy):
         if not 0 < self.floor < 1:
             raise UserError(f"policy.select_floor={self.floor}: it must lie in (0, 1).")
 
-    def _sample(self, images: torch.Tensor, instructions: list[str], k: int) -> torch.Tensor:
-        ids = self.model.select(images, instructions, k, self.beta, self.temperature, self.top_k, self.generator,
-                                self.value, self.floor, self.fused)  # fmt: skip
+    def _sample(self, images: torch.Tensor, instructions: list[str], k: int, slots: list[int]) -> torch.Tensor:
+        uniform = self.draw(slots, (k, ACTION_DIM)) if self.temperature > 0 else None
+        ids = self.model.select(images, instructions, k, self.beta, self.temperature, self.top_k, None, self.value,
+                                self.floor, self.fused, uniform)  # fmt: skip
         return self.model.tokens.decode(ids)[:, :, None]  # (N, K, 7) -> (N, K, chunk=1, 7)
 
 

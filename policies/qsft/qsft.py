@@ -46,7 +46,7 @@ from policies.base import ACTION_DIM
 from policies.llama_stack import cached_stack
 from policies.qsft.backbone import DUMMY_COLUMNS, Backbone, create_backbone, rebuild_backbone
 from policies.qsft.lora import add_lora, lora_enabled
-from policies.vla import choose
+from policies.vla import choose, token_uniforms
 from values.networks import soft_update
 
 CRITIC_MODES = ("p_theta", "ratio")
@@ -292,7 +292,7 @@ class QSFTModel(nn.Module):
     def select(
         self, images: torch.Tensor, instructions: Sequence[str], k: int, beta: float, temperature: float = 1.0,
         top_k: int = 0, generator: torch.Generator | None = None, value: str = "p_theta", floor: float = 0.02,
-        fused: bool = True,
+        fused: bool = True, uniform: torch.Tensor | None = None,
     ) -> torch.Tensor:  # fmt: skip
         """K actions per observation from pi(a|s) ∝ pi_phi exp(beta v), token by token: ids (N, K, 7).
 
@@ -300,15 +300,17 @@ class QSFTModel(nn.Module):
 
         Both models prefill their prefix once with the KV cache, repeat it K times, and decode the 7
         tokens in lockstep; temperature 0 = greedy. `fused` (`_decoding`): both in one batched forward per step.
+        `uniform` (N * K, 7): the numbers `choose` samples each row's tokens with (else drawn from `generator`).
         """
         if temperature <= 0 and k > 1:
             one = self.select(images, instructions, 1, beta, 0.0, top_k, generator, value, floor, fused)
             return one.expand(-1, k, -1).clone()
+        uniform = token_uniforms(uniform, images.shape[0] * k, temperature, generator, images.device)
         logits, extend = self._decoding((self.pi, self.q), images, instructions, k, fused)
         chosen = []
         for step in range(ACTION_DIM):
             scores = selection_logits(logits[0, :, 1:], log_q(logits[1], self.labels).exp(), beta, value, floor)
-            index = choose(scores, temperature, top_k, generator)
+            index = choose(scores, temperature, top_k, uniform=None if uniform is None else uniform[:, step])
             chosen.append(index)
             if step < ACTION_DIM - 1:
                 logits = extend(self.tokens.index_to_id(index)[:, None])[:, :, -1]

@@ -158,7 +158,7 @@ def test_flow_policy_replans_every_exec_horizon_steps_per_slot(tmp_path, monkeyp
     calls = []
     sample = policy.model.sample
     monkeypatch.setattr(
-        policy.model, "sample", lambda imgs, texts, *a: calls.append(len(texts)) or sample(imgs, texts, *a)
+        policy.model, "sample", lambda imgs, texts, *a, **kw: calls.append(len(texts)) or sample(imgs, texts, *a, **kw)
     )
     policy.reset("reach forward", 0)
     policy.reset("go", 1)

@@ -125,6 +125,27 @@ def test_random_critic_picks_candidates_uniformly() -> None:
     np.testing.assert_allclose(freq, 0.2, atol=0.04)
 
 
+@pytest.mark.parametrize("critic", ["random", "softmax"])
+def test_a_steered_episode_draws_from_its_seed_whatever_its_batch(critic: str) -> None:
+    """The candidates, a random critic's scores and the softmax draw all come from the episode's seed:
+    episode 7 chooses the same chunks batched next to another episode as alone in another slot."""
+    from policies.base import RandomPolicy
+
+    def steered() -> ValueSteeredPolicy:
+        scorer = RandomScorer(seed=3) if critic == "random" else FakeCritic(lambda a: 100 * a[..., 0])
+        return ValueSteeredPolicy(RandomPolicy(seed=2), scorer, k=6, beta=0.0 if critic == "random" else 1.0)
+
+    a, b = steered(), steered()
+    a.reset("reach forward", 0, seed=7)
+    a.reset("go", 1, seed=8)
+    b.reset("reach forward", 5, seed=7)
+    o, other = obs(), obs()
+    batched = [a.act_batch([o, other], [0, 1])[0] for _ in range(5)]
+    alone = [b.act_batch([o], [5])[0] for _ in range(5)]
+    np.testing.assert_array_equal(np.stack(batched), np.stack(alone))
+    assert len({c.tobytes() for c in batched}) == 5
+
+
 def test_sample_actions_returns_the_top_k_by_q_best_first() -> None:
     policy = ValueSteeredPolicy(Candidates(chunk=2), by_index([0.1, 0.9, 0.5, 0.7, 0.3]), k=5, beta=1.0)
     policy.reset("reach forward")

@@ -221,9 +221,9 @@ def test_policy_returns_unnormalised_bin_centres(tmp_path: Path, fused: bool) ->
     obs = [observation(0), observation(1, "go")]
     actions = policy.sample_actions_batch(obs, 4)
     assert actions.shape == (2, 4, 1, 7)
-    g = torch.Generator().manual_seed(int(cfg.seed))  # the policy's generator, replayed
+    uniform = make_policy(cfg).draw([0, 1], (4, 7))  # the slots' draws, replayed by a fresh instance
     imgs = stack_images([o["image_primary"] for o in obs], IMAGE_SIZE)
-    ids, _ = policy.model.sample(imgs, ["reach forward", "go"], 4, cfg.temperature, cfg.top_k, g)
+    ids, _ = policy.model.sample(imgs, ["reach forward", "go"], 4, cfg.temperature, cfg.top_k, uniform=uniform)
     norm = policy.model.tokens.decode(ids).numpy()
     norm[..., 6] = norm[..., 6].clip(0, 1)  # the gripper is a fraction in [0, 1]
     expected = ActionNormalizer(fake_stats()["sim"], "bounds_q99").unnormalize(norm)

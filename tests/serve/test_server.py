@@ -102,6 +102,8 @@ BAD_REQUESTS = {
     "batch length mismatch": ({"observations": [observation(0)], **_ext("act_batch", slots=[0, 1])}, "equal length"),
     "batch with bad obs": ({"observations": [{"state": 1}], **_ext("act_batch", slots=[0])}, r"observations\[0\]"),
     "reset without text": (_ext("reset"), "instruction"),
+    "reset with a text seed": (_ext("reset", instruction="go", seed="7"), "seed='7'"),
+    "reset with a negative seed": (_ext("reset", instruction="go", seed=-1), "seed=-1"),
 }
 
 

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 import numpy as np
 import pytest
 
-from policies.base import Observation, Policy
+from policies.base import Observation, Policy, RandomPolicy
 from sim.runner import EpisodeSpec, Runner, episode_seed, episode_specs
 from tests.sim.fakes import make_fake_env
 
@@ -23,8 +23,8 @@ class EchoPolicy(Policy):
         self.resets: list[tuple[str, int]] = []
         self.interrupt_after = interrupt_after
 
-    def reset(self, instruction: str, slot: int = 0) -> None:
-        super().reset(instruction, slot)
+    def reset(self, instruction: str, slot: int = 0, seed: int | None = None) -> None:
+        super().reset(instruction, slot, seed)
         self.resets.append((instruction, slot))
 
     def sample_actions(self, obs: Observation, k: int, slot: int = 0) -> np.ndarray:
@@ -85,6 +85,22 @@ def test_results_do_not_depend_on_the_number_of_workers_or_lockstep() -> None:
     assert run(1) == run(3) == run(3, lockstep=False)
 
 
+def test_a_stochastic_policy_gives_the_same_episodes_whatever_the_batches() -> None:
+    """The runner passes each episode's seed to reset, so a random policy's draws (whose sum is the
+    fake environment's return) are the same with 1 or 3 workers, with lockstep or with the batches a
+    slow worker makes timing-dependent; the policy's seed changes them."""
+    make_env = functools.partial(make_fake_env, slow_seed=2, slow_s=0.05)
+
+    def run(workers: int, lockstep: bool, seed: int = 0) -> dict[int, float]:
+        with Runner(make_env, workers=workers, lockstep=lockstep) as runner:
+            return {r.seed: r.ret for r in runner.run(specs(range(8)), RandomPolicy(seed=seed))}
+
+    reference = run(1, True)
+    assert len(set(reference.values())) == 8  # every episode drew its own numbers
+    assert run(3, False) == reference == run(3, True)
+    assert run(3, False, seed=1) != reference
+
+
 def test_without_lockstep_a_slow_worker_does_not_hold_the_others_back() -> None:
     """One environment steps 20x slower: lockstep batches every call over both workers; without it
     the fast worker's episodes go on alone (batches of 1) and they all finish."""
@@ -106,7 +122,7 @@ def test_stats_account_for_the_environments_and_the_policy() -> None:
     at most about half the time."""
     make_env = functools.partial(make_fake_env, slow_seed=0, slow_s=0.2)
     policy = EchoPolicy()
-    with Runner(make_env, workers=2) as runner:
+    with Runner(make_env, workers=2, lockstep=True) as runner:
         results = list(runner.run(specs(range(5)), policy))
     stats, summary = runner.stats, runner.stats.summary()
     assert stats.steps == sum(r.steps for r in results) and stats.resets == 5
