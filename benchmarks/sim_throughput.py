@@ -11,9 +11,10 @@
           conversion, image flip, state, privileged poses) for a trivial policy (zero action, open
           gripper) that the main process calls once per control step for every worker; the
           observations, images included, travel through the workers' pipes. Rounds of
-          `--per-worker` episodes per worker. Measured as evaluations run it (`lockstep=true`: each
-          policy call waits for every worker) and, for W > 1, with `lockstep=false` (the policy acts
-          on the workers that have replied; `runner_async_*`).
+          `--per-worker` episodes per worker. Measured with `lockstep=true` (each policy call waits
+          for every worker; `runner_*`) and, for W > 1, with `lockstep=false`, the default since
+          policies draw per episode (the policy acts on the workers that have replied;
+          `runner_async_*`).
 
 Goal (issue 3): runner >= 80% of raw at every W. Each measurement runs for about `--seconds` (whole
 episodes) after a warm-up episode; raw and runner alternate `--repeats` times and the best of each

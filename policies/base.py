@@ -19,9 +19,9 @@ them with loops over the single-episode methods; GPU policies override them with
 Randomness is per episode: a policy draws every random number of a slot's episode from that slot's
 own generators (`episode_stream`), seeded from the policy's `seed` and the episode `seed` given to
 `reset` (the simulator's episode seed in evaluations). So an episode's draws do not depend on which
-slot runs it or on which other slots share its batches, and the sim runner can batch whichever
-workers are ready (sim/runner.py). Without an episode seed, each reset of a slot starts the next of
-that slot's own streams.
+slot runs it or on which other slots share its batches (its floating-point rounding may: a batched
+model's kernels depend on the batch size). Without an episode seed, each reset of a slot starts the
+next of that slot's own streams.
 
 This module imports NumPy only: remote clients and servers are Policies too.
 """

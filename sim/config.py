@@ -87,9 +87,9 @@ class RunnerConfig:
     # Seconds a worker may take for one step before it is declared hung and replaced.
     step_timeout_s: float = 60.0
     # false: the policy acts on the workers that have replied while the others step on (faster with
-    # many workers); true: each policy call waits for every worker. Episodes are the same either way
-    # (policies draw their noise per episode, from its seed), up to the floating-point effects of
-    # batch size on a GPU model; lockstep reruns are bit-identical. sim/runner.py, docs/sim.md.
+    # many workers); true: each policy call waits for every worker, so that reruns are bit-identical.
+    # Policies draw their noise per episode, from its seed, in both modes, but a neural policy's
+    # rounding depends on the batch size, which async batches vary (sim/runner.py, docs/sim.md).
     lockstep: bool = False
     # Pin worker i to CPU i (of the CPUs this process may use, round robin), so that a worker that
     # waits between steps wakes on the core whose caches hold its simulation. Off by default: it is

@@ -16,11 +16,11 @@ one (or for another's reset), which keeps more of the environments' throughput w
 (benchmarks/sim_throughput.py). `lockstep=True` gathers every due reply before each policy call, so
 that the batches themselves are the same on every run.
 
-Every episode is determined by its `EpisodeSpec` (task, seed), whichever worker runs it and
-whichever episodes share its batches: the seed fixes the initial state, and the runner passes it to
-`policy.reset`, whose random draws in the episode then come from that seed alone (the Policy
-contract, policies/base.py). Both modes give the same episodes, up to the floating-point effects of
-batch size on a GPU model's kernels (lockstep reruns are bit-identical).
+An episode's `EpisodeSpec` (task, seed) fixes its initial state, whichever worker runs it, and the
+runner passes the seed to `policy.reset`, whose random draws in the episode then come from that seed
+alone (the Policy contract, policies/base.py), whichever episodes share its batches. A neural
+policy's rounding still depends on the batch size, and the simulation amplifies it (docs/sim.md), so
+only lockstep reruns are bit-identical; async runs are samples of the same success rates.
 
 `runner.stats` (RunnerStats) says where the time went: in the environments (the workers' own timing
 of each reset and step), in the policy, or neither (workers waiting).

@@ -88,3 +88,17 @@ def test_sim_throughput(tmp_path: Path) -> None:
     assert positive(row["raw_steps_per_s"], row["runner_steps_per_s"], row["runner_async_steps_per_s"])
     stats = row["runner_stats"]
     assert stats["steps"] > 0 and 0 < stats["env_busy"] <= 1.05 and positive(stats["env_cpu_ms_per_step"])
+
+
+@pytest.mark.sim
+def test_async_divergence(tmp_path: Path) -> None:
+    from tests.policies.conftest import IMAGE_SIZE, tiny_checkpoint
+
+    checkpoint = tiny_checkpoint("flow", tmp_path / "flow")
+    result = run_benchmark(
+        "async_divergence.py", tmp_path / "div.json", "--checkpoint", str(checkpoint), "--episodes", "1",
+        "--size", str(IMAGE_SIZE), "--device", "cpu", env={"MUJOCO_GL": "egl"},
+    )  # fmt: skip
+    (episode,) = result["episodes"]
+    assert episode["lockstep_rerun_identical"] is True and set(episode["max_action_diff"]) == {"0", "5", "20"}
+    assert result["outcome_differs"] in (0, 1)

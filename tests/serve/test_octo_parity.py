@@ -70,8 +70,19 @@ def images(seed: int, size: int, steps: int) -> np.ndarray:
 
 
 def policy_keys(slot: int, calls: int) -> list[int]:
-    """The PRNG seeds OctoPolicy draws for a slot: one per prediction from default_rng([seed, slot])."""
-    rng = np.random.default_rng([SEED, slot])
+    """The PRNG seeds OctoPolicy draws in a slot's first episode (reset without an episode seed): one per
+    prediction from the episode's "octo" stream (Policy.episode_stream)."""
+    from policies.base import Policy
+
+    class Streams(Policy):  # the base class's streams, with OctoPolicy's seed
+        seed = SEED
+
+        def sample_actions(self, obs: dict, k: int, slot: int = 0) -> np.ndarray:
+            raise NotImplementedError
+
+    streams = Streams()
+    streams.reset("", slot)
+    rng = streams.episode_stream(slot, "octo")
     return [int(rng.integers(2**31)) for _ in range(calls)]
 
 
