@@ -193,9 +193,9 @@ def _train_step(cfg: TrainPolicyConfig, model: nn.Module, optimizer: Any, schedu
     rank = dist.rank if dist is not None else 0
     g = step_generator(cfg.seed + RANK_SEED * rank, step, batch["image"].device)
     if cfg.augment:
-        from data.augment import augment_pair
+        from data.augment import augment
 
-        batch["image"] = augment_pair(batch["image"], batch["image"], g)[0]
+        batch["image"] = augment(batch["image"], g)
     with torch.autocast(batch["image"].device.type, dtype=torch.bfloat16, enabled=autocast):
         loss, metrics = model.loss(batch, g)
     optimizer.zero_grad(set_to_none=True)

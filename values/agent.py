@@ -44,6 +44,7 @@ class Agent(ABC, nn.Module):
         self.cfg, self.discount, self.seed = cfg, discount, seed
         self.step = 0
         self.autocast = False  # bf16 autocast, set by the trainer on GPU
+        self._first_bad: torch.Tensor | None = None  # on the device: the first step with a non-finite loss, or -1
 
     def make_optimizer(self, groups: list[dict[str, Any]]) -> None:
         """One Adam over parameter groups (each with its own lr), linear warm-up then constant."""
@@ -62,13 +63,21 @@ class Agent(ABC, nn.Module):
         """Target-network updates."""
 
     def update(self, batch: dict[str, torch.Tensor], metrics: bool = True) -> dict[str, float]:
-        """One gradient step on `batch`; returns flat metrics (skipped, i.e. {}, if metrics=False)."""
+        """One gradient step on `batch`; returns flat metrics (skipped, i.e. {}, if metrics=False).
+
+        A non-finite loss is noted on the device, without waiting for the GPU at every step, and
+        raises FloatingPointError at the next step that returns metrics, or at `check_finite` (which
+        the trainer calls before validating and before writing a checkpoint, so that no checkpoint
+        holds the weights it produced).
+        """
         device = batch["action"].device
         g = step_generator(self.seed, self.step, device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.autocast):
             loss, values = self.losses(batch, g)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"non-finite loss at step {self.step}: {loss.item()}")
+        if self._first_bad is None or self._first_bad.device != loss.device:
+            self._first_bad = torch.full((), -1, dtype=torch.long, device=loss.device)
+        bad = ~torch.isfinite(loss.detach()) & (self._first_bad < 0)
+        self._first_bad = torch.where(bad, self.step, self._first_bad)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         average_gradients([p for group in self.optimizer.param_groups for p in group["params"]])
@@ -79,10 +88,25 @@ class Agent(ABC, nn.Module):
         if not metrics:
             return {}
         names = list(values)
-        numbers = torch.stack([values[n].detach().float().reshape(()) for n in names]).tolist()  # one sync
+        stacked = [values[n].detach().float().reshape(()) for n in names] + [self._first_bad.float()]
+        *numbers, first_bad = torch.stack(stacked).tolist()  # one sync
+        self._raise_if_bad(int(first_bad))
         out = dict(zip(names, numbers, strict=True))
         out["lr_critic"] = self.scheduler.get_last_lr()[0]
         return out
+
+    def check_finite(self) -> None:
+        """Raise FloatingPointError if any update so far had a non-finite loss (waits for the device)."""
+        if self._first_bad is not None:
+            self._raise_if_bad(int(self._first_bad))
+
+    def _raise_if_bad(self, first_bad: int) -> None:
+        if first_bad >= 0:
+            raise FloatingPointError(
+                f"non-finite loss at step {first_bad} (noticed after step {self.step}); the weights it produced "
+                "are not saved. Check the data for NaN or infinite values, or lower the learning rate, and "
+                "resume from the last checkpoint."
+            )
 
     def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:  # type: ignore[override]
         state = super().state_dict(*args, **kwargs)

@@ -196,6 +196,7 @@ def _loop(cfg: TrainValueConfig, agent: Agent, dist: Distributed, device: torch.
             tick = time.perf_counter()
             _log(writer, bar, "train", metrics, done)
         if done % cfg.val_every == 0 or done == cfg.steps:
+            agent.check_finite()
             val_metrics = validate(agent, *val, cfg, device)
             if dist.main:
                 _log(writer, bar, "", val_metrics, done)
@@ -215,6 +216,8 @@ def _log(writer: Any, bar: tqdm, prefix: str, metrics: dict[str, float], step: i
 
 def _save(cfg: TrainValueConfig, agent: Agent, state: dict, step: int) -> Path:
     import json
+
+    agent.check_finite()  # never a checkpoint of weights a non-finite loss produced
 
     identity = state["language"].identity()
     files = {

@@ -218,6 +218,26 @@ def test_next_state_pass_runs_without_gradient(algo: str) -> None:
     torch.testing.assert_close(both, apart, rtol=1e-5, atol=1e-6)
 
 
+def test_a_non_finite_loss_is_reported_with_its_step_without_a_sync_per_step() -> None:
+    """A NaN reward at step 1: the updates without metrics go on (no device sync), the next one with
+    metrics raises naming step 1, and so does check_finite; finite updates pass both."""
+    from values.train import make_agent
+
+    torch.manual_seed(0)
+    agent = make_agent(small_value_config("calql", "resnet10t"), LANG_DIM, 0.98, seed=0, channels_last=False)
+    good, bad = value_batch(4, 32), value_batch(4, 32)
+    bad["reward"] = bad["reward"].clone()
+    bad["reward"][2] = float("nan")
+    agent.update(good, metrics=False)
+    agent.check_finite()
+    agent.update(bad, metrics=False)
+    agent.update(good, metrics=False)
+    with pytest.raises(FloatingPointError, match=r"non-finite loss at step 1 .*not saved"):
+        agent.check_finite()
+    with pytest.raises(FloatingPointError, match="non-finite loss at step 1"):
+        agent.update(good)
+
+
 @pytest.mark.parametrize("algo", ["calql", "iql"])
 def test_actor_encoder_critic_shares_the_critic_embedding_without_training_it(algo: str) -> None:
     """value.actor_encoder=critic: the only encoder passes are the critic's over s (with a gradient) and
