@@ -70,9 +70,10 @@ class IQLAgent(Agent):
         if self.shared:  # actor_encoder=critic: heads over the critic's embedding of s, the target's elsewhere
             emb = self.critic.embed(s, lang)
             v = self.value.head(emb.detach())
-            with torch.no_grad():
-                next_v = self.value.head(self.target.embed(s_next, lang))
-                q_target = self.target.q(s, lang, a).float().min(dim=0).values
+            with torch.no_grad():  # the target encoder once over s and s' (GroupNorm: rows stay independent)
+                both = self.target.embed(torch.cat([s, s_next]), torch.cat([lang, lang]))
+                q_target = self.target.q_from_embedding(both[: len(s)], a).float().min(dim=0).values
+                next_v = self.value.head(both[len(s) :])
             q = self.critic.q_from_embedding(emb, a).float()
             mean, std = self.actor.head(emb.detach())
         else:
