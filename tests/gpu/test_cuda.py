@@ -172,11 +172,16 @@ def test_own_generalists_sample_on_cuda(name: str, tmp_path: Path) -> None:
     cfg = tiny_model_config(name).policy
     cfg.checkpoint, cfg.device = str(tiny_checkpoint(name, tmp_path)), "cuda"
     policy = make_policy(cfg)
-    policy.reset("reach forward")
+    policy.reset("reach forward", 0, seed=7)
     samples = policy.sample_actions(observation(0), 10)
     assert samples.shape[0] == 10 and samples.shape[-1] == 7
     assert np.isfinite(samples).all()
     assert len({s.tobytes() for s in samples}) > 1  # K draws, not one copied
+    # the episode's draws come from its own CUDA generator: the same batched next to another slot
+    policy.reset("reach forward", 0, seed=7)
+    policy.reset("go", 1, seed=8)
+    batched = policy.sample_actions_batch([observation(0), observation(1, "go")], 10, [0, 1])[0]
+    np.testing.assert_allclose(batched, samples, rtol=1e-4, atol=1e-5)
 
 
 @torch.no_grad()
