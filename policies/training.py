@@ -47,6 +47,17 @@ METRICS_FILE = "metrics.jsonl"
 RANK_SEED = 7919  # under torchrun rank r draws its noise from seed + r * RANK_SEED: ranks do not repeat each other
 
 
+def check_losses_since_log(sums: dict[str, Any], count: int, done: int, dist: Distributed) -> None:
+    """Before a checkpoint that is not also a log step: the `count` steps since the last log had finite
+    losses on every rank (a NaN on one rank reaches every rank's weights through the averaged gradients),
+    so that no checkpoint holds weights a non-finite loss produced. Every rank must call it."""
+    if count and not math.isfinite(mean_over_ranks({"loss": sums["loss"]}, dist)["loss"]):
+        raise FloatingPointError(
+            f"non-finite training loss in the {count} steps up to step {done}; checkpoint {done} is not written. "
+            "Check the data for NaN or infinite values, or lower the learning rate, and resume."
+        )
+
+
 def step_generator(seed: int, step: int, device: torch.device) -> torch.Generator:
     """A generator whose stream depends only on (seed, step): resumed steps draw the same noise."""
     g = torch.Generator(device=device)
@@ -181,8 +192,10 @@ def _loop(cfg: TrainPolicyConfig, model: nn.Module, optimizer: Any, scheduler: A
             metrics = validate(model, val, cfg, device, autocast, dist)
             if dist.main:
                 _log(writer, bar, run["dir"], metrics, done)
-        if dist.main and (done % cfg.ckpt_every == 0 or done == cfg.steps):  # every rank holds the same weights
-            _save(cfg, model, optimizer, scheduler, run, done)
+        if done % cfg.ckpt_every == 0 or done == cfg.steps:
+            check_losses_since_log(sums, count, done, dist)
+            if dist.main:  # every rank holds the same weights
+                _save(cfg, model, optimizer, scheduler, run, done)
     bar.close()
     if writer is not None:
         writer.close()

@@ -42,6 +42,7 @@ from policies.training import (
     _log,
     _set_rng,
     _truncate_metrics,
+    check_losses_since_log,
     lr_factor,
     step_generator,
 )
@@ -232,6 +233,7 @@ def _loop(cfg: TrainQSFTConfig, model: QSFTModel, optimizer: Any, scheduler: Any
             if dist.main:
                 _log(writer, bar, run["dir"], metrics, done)
         if done % cfg.ckpt_every == 0 or done == cfg.steps:
+            check_losses_since_log(sums, count, done, dist)
             _save(cfg, model, optimizer, scheduler, run, done)
     bar.close()
     if writer is not None:

@@ -79,6 +79,29 @@ def test_kill_and_resume_equals_an_uninterrupted_run(
     assert [m["step"] for m in metric_lines(resumed) if "train/loss" in m] == [1, 2, 3, 4]
 
 
+def test_a_non_finite_loss_between_logs_writes_no_checkpoint(
+    policy_data_dir: Path, tmp_path: Path, monkeypatch
+) -> None:
+    """A NaN loss at step 2 with logs every 3 steps and checkpoints every 2: the run stops at the step-2
+    checkpoint, naming the steps, and writes none (the weights after step 2 hold the NaN)."""
+    from policies.flow import FlowModel
+
+    loss = FlowModel.loss
+
+    def nan_at_step_2(self, batch, generator=None):
+        value, metrics = loss(self, batch, generator)
+        nan_at_step_2.calls += 1
+        if nan_at_step_2.calls == 2:
+            value = value * float("nan")
+        return value, {**metrics, "loss": value}
+
+    nan_at_step_2.calls = 0
+    monkeypatch.setattr(FlowModel, "loss", nan_at_step_2)
+    with pytest.raises(FloatingPointError, match="in the 2 steps up to step 2; checkpoint 2 is not written"):
+        run("flow", policy_data_dir, tmp_path, "name=nan", "steps=4", "log_every=3", "ckpt_every=2")
+    assert list_checkpoints(tmp_path / "train_policy" / "nan") == []
+
+
 def test_checkpoint_carries_what_acting_needs(policy_data_dir: Path, tmp_path: Path) -> None:
     run_dir = run("flow", policy_data_dir, tmp_path, "name=ckpt", "steps=2")
     latest = list_checkpoints(run_dir)[-1]
