@@ -101,4 +101,5 @@ def test_async_divergence(tmp_path: Path) -> None:
     )  # fmt: skip
     (episode,) = result["episodes"]
     assert episode["lockstep_rerun_identical"] is True and set(episode["max_action_diff"]) == {"0", "5", "20"}
-    assert result["outcome_differs"] in (0, 1)
+    # the same episode noise in both modes: the first actions differ by rounding at most, not by a draw
+    assert episode["max_action_diff"]["0"] < 1e-4

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from configs.distributed import average_gradients
+from configs.distributed import Distributed, average_gradients, mean_over_ranks
 from values.config import ValueConfig
 
 
@@ -95,10 +95,18 @@ class Agent(ABC, nn.Module):
         out["lr_critic"] = self.scheduler.get_last_lr()[0]
         return out
 
-    def check_finite(self) -> None:
-        """Raise FloatingPointError if any update so far had a non-finite loss (waits for the device)."""
-        if self._first_bad is not None:
-            self._raise_if_bad(int(self._first_bad))
+    def check_finite(self, dist: Distributed | None = None) -> None:
+        """Raise FloatingPointError if any update so far had a non-finite loss (waits for the device).
+
+        Under torchrun (`dist`, every rank calls it) on any rank: a NaN on one rank reaches every rank's
+        weights through the averaged gradients, though the other ranks' own losses were finite then.
+        """
+        first_bad = -1 if self._first_bad is None else int(self._first_bad)
+        anywhere = dist is not None and dist.world > 1 and mean_over_ranks({"bad": float(first_bad >= 0)}, dist)["bad"]
+        self._raise_if_bad(first_bad)
+        if anywhere:
+            raise FloatingPointError(f"non-finite loss on another rank (noticed after step {self.step}); the weights "
+                                     "it produced are not saved.")  # fmt: skip
 
     def _raise_if_bad(self, first_bad: int) -> None:
         if first_bad >= 0:

@@ -195,12 +195,15 @@ def _loop(cfg: TrainValueConfig, agent: Agent, dist: Distributed, device: torch.
             metrics["samples_per_s"] = cfg.log_every * cfg.batch_size / (time.perf_counter() - tick)
             tick = time.perf_counter()
             _log(writer, bar, "train", metrics, done)
-        if done % cfg.val_every == 0 or done == cfg.steps:
-            agent.check_finite()
+        validating = done % cfg.val_every == 0 or done == cfg.steps
+        saving = done % cfg.ckpt_every == 0 or done == cfg.steps
+        if validating or saving:  # no validation or checkpoint of weights a non-finite loss produced, on any rank
+            agent.check_finite(dist)
+        if validating:
             val_metrics = validate(agent, *val, cfg, device)
             if dist.main:
                 _log(writer, bar, "", val_metrics, done)
-        if dist.main and (done % cfg.ckpt_every == 0 or done == cfg.steps):
+        if dist.main and saving:
             _save(cfg, agent, state, done)
     bar.close()
     if writer is not None:
@@ -216,8 +219,6 @@ def _log(writer: Any, bar: tqdm, prefix: str, metrics: dict[str, float], step: i
 
 def _save(cfg: TrainValueConfig, agent: Agent, state: dict, step: int) -> Path:
     import json
-
-    agent.check_finite()  # never a checkpoint of weights a non-finite loss produced
 
     identity = state["language"].identity()
     files = {

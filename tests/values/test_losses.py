@@ -238,6 +238,29 @@ def test_a_non_finite_loss_is_reported_with_its_step_without_a_sync_per_step() -
         agent.update(good)
 
 
+def test_check_finite_under_torchrun_raises_for_another_ranks_nan(monkeypatch) -> None:
+    """Every rank joins one collective: a rank whose own losses were finite still stops (and saves
+    nothing) when another rank's were not, since the averaged gradients carried the NaN to its weights."""
+    import values.agent
+    from configs.distributed import Distributed
+    from values.train import make_agent
+
+    agent = make_agent(small_value_config("calql", "resnet10t"), LANG_DIM, 0.98, seed=0, channels_last=False)
+    agent.update(value_batch(4, 32), metrics=False)
+    calls = []
+
+    def other_rank_bad(values: dict, dist: Distributed) -> dict:
+        calls.append(values)
+        return {"bad": (values["bad"] + 1.0) / 2}  # this rank's flag and one bad other rank
+
+    monkeypatch.setattr(values.agent, "mean_over_ranks", other_rank_bad)
+    two = Distributed(rank=0, world=2, local_rank=0)
+    with pytest.raises(FloatingPointError, match="another rank"):
+        agent.check_finite(two)
+    assert calls == [{"bad": 0.0}]
+    agent.check_finite()  # alone, this rank's own losses are fine
+
+
 @pytest.mark.parametrize("algo", ["calql", "iql"])
 def test_actor_encoder_critic_shares_the_critic_embedding_without_training_it(algo: str) -> None:
     """value.actor_encoder=critic: the only encoder passes are the critic's over s (with a gradient) and
