@@ -1,15 +1,17 @@
 """How far apart a lockstep and an async (`runner.lockstep=false`) run of the same episodes drift.
 
     python benchmarks/async_divergence.py --checkpoint runs/train_policy/flow_lift64 --task lift --size 64
+    python benchmarks/async_divergence.py ... --free-batch       # runner.fixed_batch=false
 
 Every policy draws an episode's random numbers from that episode's seed (policies/base.py), so the
 two runner modes give a policy the same observations and the same noise at the first step. What can
 still differ is the floating-point rounding of a batched model, whose kernels depend on the batch
-size, and the simulation may amplify it. The script records `--episodes` episodes per task with the
-policy of `--checkpoint` (any `policy=<name>` config via --policy) three times: lockstep, async,
-lockstep again, and reports per episode whether the lockstep rerun was bit-identical, the first step
-at which the async actions differ, the largest action difference at steps 0, 5 and 20, and the two
-outcomes. JSON out (`--out`).
+size, and the simulation may amplify it; the runner's fixed batch rows (`runner.fixed_batch`, on by
+default) remove that. The script records `--episodes` episodes per task with the policy of
+`--checkpoint` (any `policy=<name>` config via --policy) three times: lockstep, async, lockstep
+again, and reports per episode whether the lockstep rerun and the async run were bit-identical, the
+first step at which the async actions differ, the largest action difference at steps 0, 5 and 20,
+and the two outcomes. JSON out (`--out`).
 """
 
 from __future__ import annotations
@@ -52,7 +54,7 @@ def run(args: argparse.Namespace) -> dict:
     runs = []
     for lockstep in (True, False, True):
         policy = build_policy(args)
-        with Runner(make_env, workers=args.workers, lockstep=lockstep) as runner:
+        with Runner(make_env, workers=args.workers, lockstep=lockstep, fixed_batch=not args.free_batch) as runner:
             runs.append({r.seed: r for r in runner.run(specs, policy)})
         policy.close()
     episodes = []
@@ -63,6 +65,7 @@ def run(args: argparse.Namespace) -> dict:
         episodes.append({
             "seed": seed,
             "lockstep_rerun_identical": bool(a.shape == again.shape and np.array_equal(a, again)),
+            "async_identical": bool(a.shape == b.shape and np.array_equal(a, b)),
             "first_differing_step": int(np.argmax(diff > 0)) if (diff > 0).any() else None,
             "max_action_diff": {str(t): float(diff[t]) for t in (0, 5, 20) if t < n},
             "success_lockstep": first.success, "success_async": runs[1][seed].success,
@@ -72,6 +75,7 @@ def run(args: argparse.Namespace) -> dict:
         "config": vars(args),
         "episodes": episodes,
         "outcome_differs": sum(e["success_lockstep"] != e["success_async"] for e in episodes),
+        "async_identical": sum(e["async_identical"] for e in episodes),
     }
 
 
@@ -85,13 +89,15 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--seed", type=int, default=1000, help="eval_sim's default seed: its first episodes")
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--free-batch", action="store_true", help="runner.fixed_batch=false: batches of the ready rows")
     parser.add_argument("--override", nargs="*", default=[], help="more eval_sim overrides (e.g. steer=true ...)")
     parser.add_argument("--out", default="benchmarks/results/async_divergence.json")
     args = parser.parse_args()
     os.environ.setdefault("MUJOCO_GL", "egl")
     result = run(args)
     for e in result["episodes"]:
-        print(f"seed {e['seed']}: lockstep rerun identical {e['lockstep_rerun_identical']}, first differing step "
+        print(f"seed {e['seed']}: lockstep rerun identical {e['lockstep_rerun_identical']}, async identical "
+              f"{e['async_identical']}, first differing step "
               f"{e['first_differing_step']}, max |action diff| {e['max_action_diff']}, success lockstep "
               f"{e['success_lockstep']} / async {e['success_async']}")  # fmt: skip
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

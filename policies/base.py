@@ -19,9 +19,15 @@ them with loops over the single-episode methods; GPU policies override them with
 Randomness is per episode: a policy draws every random number of a slot's episode from that slot's
 own generators (`episode_stream`), seeded from the policy's `seed` and the episode `seed` given to
 `reset` (the simulator's episode seed in evaluations). So an episode's draws do not depend on which
-slot runs it or on which other slots share its batches (its floating-point rounding may: a batched
-model's kernels depend on the batch size). Without an episode seed, each reset of a slot starts the
-next of that slot's own streams.
+slot runs it or on which other slots share its batches. Without an episode seed, each reset of a
+slot starts the next of that slot's own streams.
+
+Rounding is per batch shape: a batched model's kernels round differently at different batch sizes,
+and a simulator amplifies a difference of 1e-7 into another episode within tens of steps.
+`fix_batch_rows(rows)` makes a policy run every batched forward on exactly `rows` rows (padding with
+copies of the first observation, whose results and draws are thrown away), so that a row's result
+depends on nothing but its own observation and episode: the runner fixes it to its worker count,
+and an evaluation then repeats bit for bit whatever order its workers reply in.
 
 This module imports NumPy only: remote clients and servers are Policies too.
 """
@@ -49,6 +55,8 @@ class Policy(ABC):
     chunk: int = 1
     #: Mixed into every episode's random streams (`policy.seed` in the configs).
     seed: int = 0
+    #: Every batched forward runs on exactly this many rows (None: on the rows given); `fix_batch_rows`.
+    batch_rows: int | None = None
 
     def __init__(self) -> None:
         self.instructions: dict[int, str] = {}
@@ -78,6 +86,17 @@ class Policy(ABC):
             cached = self._streams[(slot, stream)] = (count, make(int(words.generate_state(1, np.uint64)[0])))
         return cached[1]
 
+    def fix_batch_rows(self, rows: int | None) -> None:
+        """Run every batched forward on exactly `rows` rows from now on (None: on the rows given).
+
+        A batched model pads smaller batches with copies of their first observation and splits larger
+        ones, so that a row's floating-point result does not depend on how many observations share its
+        call. Policies without a batched model (their rows never interact) keep the setting and ignore it.
+        """
+        if rows is not None and int(rows) < 1:
+            raise ValueError(f"batch rows must be >= 1 or None, got {rows}")
+        self.batch_rows = None if rows is None else int(rows)
+
     @abstractmethod
     def sample_actions(self, obs: Observation, k: int, slot: int = 0) -> np.ndarray:
         """(k, chunk, 7) float32 candidate action chunks for `obs`, canonical actions."""
@@ -100,6 +119,14 @@ class Policy(ABC):
 
     def close(self) -> None:  # noqa: B027 - optional hook, nothing to release by default
         """Release resources (servers, connections, worker processes)."""
+
+
+def fixed_batches(n: int, rows: int | None) -> list[tuple[int, int, int]]:
+    """How to run n rows in batches of exactly `rows` (None: one batch of n): (start, stop, padding) per
+    batch, where rows start..stop of the input are followed by `padding` filler rows."""
+    if rows is None:
+        return [(0, n, 0)]
+    return [(i, min(i + rows, n), max(0, i + rows - n)) for i in range(0, n, rows)]
 
 
 def check_actions(actions: np.ndarray, k: int, chunk: int, who: str = "policy") -> np.ndarray:

@@ -221,7 +221,7 @@ class FlowPolicy(LearnedPolicy):
         super().reset(instruction, slot, seed)
         self.chunker.reset(slot)
 
-    def _sample(self, images: torch.Tensor, instructions: list[str], k: int, slots: list[int]) -> torch.Tensor:
+    def _sample(self, images: torch.Tensor, instructions: list[str], k: int, slots: list[int | None]) -> torch.Tensor:
         noise = self.draw(slots, (k, self.chunk, ACTION_DIM), normal=True)
         return self.model.sample(images, instructions, k, noise_scale=self.noise_scale, noise=noise)
 

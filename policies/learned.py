@@ -33,7 +33,7 @@ from configs.checkpoint import MODEL_FILE, resolve_checkpoint, save_checkpoint
 from configs.errors import UserError
 from configs.registry import Registry
 from data.normalize import ActionNormalizer
-from policies.base import Observation, Policy, check_actions
+from policies.base import Observation, Policy, check_actions, fixed_batches
 from policies.vision import stack_images
 
 MODELS: Registry[type] = Registry("policy model")
@@ -137,6 +137,7 @@ class LearnedPolicy(Policy):
 
     Subclasses implement `_sample(images, instructions, k, slots) -> (N, k, chunk, 7)` normalised
     actions, drawing their noise with `draw` (each slot's rows from that slot's episode generator).
+    With `fix_batch_rows`, `slots` ends in None for the filler rows of a padded batch.
     """
 
     def __init__(self, loaded: LoadedModel, cfg: Any, device: torch.device) -> None:
@@ -150,19 +151,23 @@ class LearnedPolicy(Policy):
         self.seed = int(cfg.seed)
         self.checkpoint = loaded.path
 
-    def _sample(self, images: torch.Tensor, instructions: list[str], k: int, slots: list[int]) -> torch.Tensor:
+    def _sample(self, images: torch.Tensor, instructions: list[str], k: int, slots: list[int | None]) -> torch.Tensor:
         raise NotImplementedError
 
     def generator(self, slot: int) -> torch.Generator:
         """The torch generator of the slot's current episode, on the policy's device."""
         return self.episode_stream(slot, "sample", lambda seed: torch.Generator(self.device).manual_seed(seed))
 
-    def draw(self, slots: Sequence[int], shape: tuple[int, ...], normal: bool = False) -> torch.Tensor:
+    def draw(self, slots: Sequence[int | None], shape: tuple[int, ...], normal: bool = False) -> torch.Tensor:
         """(len(slots) * shape[0], *shape[1:]) float32 on the device: uniform in [0, 1) (or standard
         normal), rows i * shape[0] .. of slot i drawn from its own generator, so that they do not
-        depend on the other slots of the batch (nor on the batch size)."""
+        depend on the other slots of the batch (nor on the batch size). A filler row (slot None)
+        gets zeros and consumes no generator."""
         fn = torch.randn if normal else torch.rand
-        return torch.cat([fn(shape, generator=self.generator(s), device=self.device) for s in slots])
+        return torch.cat([
+            fn(shape, generator=self.generator(s), device=self.device) if s is not None
+            else torch.zeros(shape, device=self.device) for s in slots
+        ])  # fmt: skip
 
     def sample_actions(self, obs: Observation, k: int, slot: int = 0) -> np.ndarray:
         """(k, chunk, 7) canonical candidate chunks for one observation."""
@@ -171,19 +176,28 @@ class LearnedPolicy(Policy):
     def sample_actions_batch(
         self, observations: Sequence[Observation], k: int, slots: Sequence[int] | None = None
     ) -> np.ndarray:
-        """(N, k, chunk, 7) canonical actions: one batched forward over the N observations."""
+        """(N, k, chunk, 7) canonical actions: one batched forward over the N observations (with
+        `fix_batch_rows`: forwards of exactly that many rows, the last one padded)."""
         if k < 1:
             raise UserError(f"k={k}: a policy samples at least one action.")
         slots = list(range(len(observations))) if slots is None else list(slots)
         if len(slots) != len(observations):
             raise ValueError(f"{len(observations)} observations but {len(slots)} slots")
-        images = stack_images([_image(o) for o in observations], self.model.image_size).to(self.device)
+        images = [_image(o) for o in observations]
         instructions = [self._instruction(o, s) for o, s in zip(observations, slots, strict=True)]
+        parts = []
         with torch.inference_mode():
-            norm = self._sample(images, instructions, k, slots)  # (N, k, chunk, 7)
-            norm = torch.maximum(torch.minimum(norm.float(), self.high), self.low)
-            actions = self.normalizer.unnormalize(norm).cpu().numpy()
-        return np.stack([check_actions(a, k, self.chunk, type(self).__name__) for a in actions])
+            for start, stop, pad in fixed_batches(len(observations), self.batch_rows):
+                batch = stack_images(images[start:stop] + images[start : start + 1] * pad, self.model.image_size)
+                norm = self._sample(
+                    batch.to(self.device),
+                    instructions[start:stop] + instructions[start : start + 1] * pad,
+                    k,
+                    [*slots[start:stop], *[None] * pad],
+                )[: stop - start]  # (n, k, chunk, 7)
+                norm = torch.maximum(torch.minimum(norm.float(), self.high), self.low)
+                parts.append(self.normalizer.unnormalize(norm).cpu().numpy())
+        return np.stack([check_actions(a, k, self.chunk, type(self).__name__) for p in parts for a in p])
 
     def act_batch(self, observations: Sequence[Observation], slots: Sequence[int] | None = None) -> np.ndarray:
         """(N, chunk, 7): one sample per observation, in one batched forward."""

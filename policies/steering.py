@@ -141,6 +141,14 @@ class ValueSteeredPolicy(Policy):
         self.chunker.reset(slot)
         self.last_stats.pop(slot, None)
 
+    def fix_batch_rows(self, rows: int | None) -> None:
+        """The base policy samples, and the critic encodes and scores, `rows` observations per call."""
+        super().fix_batch_rows(rows)
+        self.base.fix_batch_rows(rows)
+        fix = getattr(self.critic, "fix_batch_rows", None)
+        if fix is not None:
+            fix(rows)
+
     def rank_batch(
         self, observations: Sequence[Observation], k: int, slots: Sequence[int]
     ) -> tuple[np.ndarray, np.ndarray]:

@@ -295,7 +295,7 @@ class VLAPolicy(LearnedPolicy):
         super().__init__(loaded, cfg, device)
         self.temperature, self.top_k, self.fused = float(cfg.temperature), int(cfg.top_k), bool(cfg.fused)
 
-    def _sample(self, images: torch.Tensor, instructions: list[str], k: int, slots: list[int]) -> torch.Tensor:
+    def _sample(self, images: torch.Tensor, instructions: list[str], k: int, slots: list[int | None]) -> torch.Tensor:
         uniform = self.draw(slots, (k, ACTION_DIM)) if self.temperature > 0 else None
         ids, _ = self.model.sample(images, instructions, k, self.temperature, self.top_k, fused=self.fused,
                                    uniform=uniform)  # fmt: skip

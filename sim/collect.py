@@ -45,7 +45,7 @@ def collect(cfg: Any) -> Path:
     selection = cfg.task or cfg.sim.task
     tasks = task_names(selection)
     _check(cfg)
-    name = cfg.name or f"robosteer_sim_{selection}"
+    name = cfg.name or f"robosteer_sim_{selection.replace('+', '_')}"
     root = Path(cfg.data_dir) / name / cfg.version
     if (root / "dataset_info.json").exists():
         raise UserError(f"{root} already holds a dataset; remove it, or set name=<another name>.")

@@ -17,7 +17,8 @@ from policies.config import PolicyConfig, SteerConfig
 class SimConfig:
     """Which tasks run and how their environments are built."""
 
-    # A task registry name (sim/tasks.py), or "suite" for every registered task.
+    # A task registry name (sim/tasks.py), several joined by "+" (lift+stack), or "suite" for every
+    # registered task.
     task: str = MISSING
     # Side of the square camera images (64 for fast tests, 128 default, 256 to match Bridge).
     image_size: int = 128
@@ -87,10 +88,13 @@ class RunnerConfig:
     # Seconds a worker may take for one step before it is declared hung and replaced.
     step_timeout_s: float = 60.0
     # false: the policy acts on the workers that have replied while the others step on (faster with
-    # many workers); true: each policy call waits for every worker, so that reruns are bit-identical.
-    # Policies draw their noise per episode, from its seed, in both modes, but a neural policy's
-    # rounding depends on the batch size, which async batches vary (sim/runner.py, docs/sim.md).
+    # many workers); true: each policy call waits for every worker. Policies draw their noise per
+    # episode, from its seed, in both modes; with fixed_batch both give the same episodes, bit for bit.
     lockstep: bool = False
+    # Every policy (and critic) forward runs on `workers` rows, padded: a neural policy's rounding
+    # depends on the batch size, which async batches vary, and the simulation amplifies it into other
+    # episodes (docs/sim.md). Costs the padding rows' compute; false: only the rows that are ready.
+    fixed_batch: bool = True
     # Pin worker i to CPU i (of the CPUs this process may use, round robin), so that a worker that
     # waits between steps wakes on the core whose caches hold its simulation. Off by default: it is
     # measured by benchmarks/sim_throughput.py --pin-cpus, not yet shown to help (docs/sim.md).

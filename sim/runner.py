@@ -19,8 +19,10 @@ that the batches themselves are the same on every run.
 An episode's `EpisodeSpec` (task, seed) fixes its initial state, whichever worker runs it, and the
 runner passes the seed to `policy.reset`, whose random draws in the episode then come from that seed
 alone (the Policy contract, policies/base.py), whichever episodes share its batches. A neural
-policy's rounding still depends on the batch size, and the simulation amplifies it (docs/sim.md), so
-only lockstep reruns are bit-identical; async runs are samples of the same success rates.
+policy's rounding depends on the batch size, and the simulation amplifies it (docs/sim.md), so with
+`fixed_batch=True` (the default) the runner has the policy run every forward on `workers` rows
+(`policy.fix_batch_rows`): an episode is then the same, bit for bit, in every run with the same
+worker count, async or lockstep. Without it, async runs are samples of the same success rates.
 
 `runner.stats` (RunnerStats) says where the time went: in the environments (the workers' own timing
 of each reset and step), in the policy, or neither (workers waiting).
@@ -175,12 +177,12 @@ class Runner:
 
     def __init__(
         self, make_env: EnvFactory, workers: int = 2, reset_timeout_s: float = 180.0, step_timeout_s: float = 60.0,
-        lockstep: bool = False, pin_cpus: bool = False,
+        lockstep: bool = False, pin_cpus: bool = False, fixed_batch: bool = True,
     ) -> None:  # fmt: skip
         if workers < 1:
             raise ValueError(f"need at least one worker, got {workers}")
         self.make_env, self.reset_timeout_s, self.step_timeout_s = make_env, reset_timeout_s, step_timeout_s
-        self.lockstep = lockstep
+        self.lockstep, self.fixed_batch = lockstep, fixed_batch
         if pin_cpus and not hasattr(os, "sched_getaffinity"):
             log.warning("runner.pin_cpus: this system cannot pin processes to CPUs (Linux only); workers run anywhere")
         pinnable = pin_cpus and hasattr(os, "sched_getaffinity")
@@ -192,7 +194,9 @@ class Runner:
     @classmethod
     def from_config(cls, make_env: EnvFactory, cfg: Any) -> Runner:
         """A runner with the settings of a RunnerConfig (sim/config.py)."""
-        return cls(make_env, cfg.workers, cfg.reset_timeout_s, cfg.step_timeout_s, cfg.lockstep, cfg.pin_cpus)
+        return cls(
+            make_env, cfg.workers, cfg.reset_timeout_s, cfg.step_timeout_s, cfg.lockstep, cfg.pin_cpus, cfg.fixed_batch
+        )
 
     def __enter__(self) -> Runner:
         return self
@@ -203,6 +207,9 @@ class Runner:
     def run(self, specs: Sequence[EpisodeSpec], policy: Policy) -> Iterator[EpisodeResult]:
         """Run every spec; yield each result as its episode ends (completion order)."""
         pending, start = deque(specs), time.perf_counter()
+        rows = policy.batch_rows
+        if self.fixed_batch:
+            policy.fix_batch_rows(len(self.slots))  # a row's rounding: the same in every call
         try:
             while pending or any(s.spec is not None for s in self.slots):
                 for slot in self.slots:
@@ -215,6 +222,7 @@ class Runner:
                 self._act(policy)
         finally:
             self.stats.wall_s += time.perf_counter() - start
+            policy.fix_batch_rows(rows)
 
     def close(self) -> None:
         """Stop every worker (politely, then by force)."""

@@ -47,11 +47,14 @@ def register_task(task: Task) -> Task:
 
 
 def task_names(selection: str) -> list[str]:
-    """The tasks of `selection`: one task name, or "suite" for every registered task (sorted)."""
+    """The tasks of `selection`: one task name, several joined by "+" (`lift+stack`, in that order), or
+    "suite" for every registered task (sorted)."""
     if selection == SUITE:
         return TASKS.names()
-    TASKS.get(selection)  # unknown names raise a UserError listing the known ones
-    return [selection]
+    names = list(dict.fromkeys(n.strip() for n in str(selection).split("+")))
+    for name in names:
+        TASKS.get(name)  # unknown names raise a UserError listing the known ones
+    return names
 
 
 def _body_pose(env: Any, body: str) -> tuple[np.ndarray, np.ndarray]:

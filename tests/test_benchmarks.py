@@ -101,5 +101,6 @@ def test_async_divergence(tmp_path: Path) -> None:
     )  # fmt: skip
     (episode,) = result["episodes"]
     assert episode["lockstep_rerun_identical"] is True and set(episode["max_action_diff"]) == {"0", "5", "20"}
+    assert episode["async_identical"] is True and result["async_identical"] == 1  # fixed batch rows (default)
     # the same episode noise in both modes: the first actions differ by rounding at most, not by a draw
     assert episode["max_action_diff"]["0"] < 1e-4

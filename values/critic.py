@@ -19,6 +19,9 @@ so steering then costs about the heads alone on top of the policy. On a GPU,
 `bf16=True` runs the critic under bf16 autocast (as train_value trains it), and `cuda_graphs=True`
 captures the encoder (per N) and the heads (per N, K) as CUDA graphs and replays them: an eager
 ResNet-34 at batch 1 is dominated by kernel launches, not arithmetic (benchmarks/steer_latency.py).
+`fix_batch_rows(rows)` runs both on exactly `rows` observations per call (padded with copies of the
+first), as the policies do under the runner (policies/base.py): a row's score then does not depend on
+the other rows of its batch, and the CUDA graphs are one per K instead of one per (N, K).
 `random_critic` builds an untrained scorer from a value config, for benchmarks and tests that need
 the real scoring path without a checkpoint.
 """
@@ -38,6 +41,7 @@ from torch.nn import functional as F
 from configs.checkpoint import load_checkpoint, resolve_checkpoint
 from configs.errors import UserError
 from data.normalize import ActionNormalizer
+from policies.base import fixed_batches
 from values.language import EmbeddingCache, make_language_encoder
 from values.networks import Critic, FiLMResNet
 
@@ -57,6 +61,11 @@ class CriticScorer:
         self._graphs: dict[tuple, CudaGraphed] = {}
         # the encoder's side stream (None: the encoder runs on the main stream, before the policy's kernels)
         self.stream = torch.cuda.Stream(self.device) if on_gpu and overlap else None
+        self.batch_rows: int | None = None
+
+    def fix_batch_rows(self, rows: int | None) -> None:
+        """Encode and score exactly `rows` observations per call from now on (None: as many as given)."""
+        self.batch_rows = rows
 
     @torch.no_grad()
     def q(self, images: torch.Tensor, lang: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
@@ -86,11 +95,11 @@ class CriticScorer:
         lang = torch.stack([self.language.get(o["instruction"]) for o in observations])
         images = self._images(images.to(self.device))
         if self.stream is None:
-            return self._run(self._embed, images, lang)
+            return self._rows(self._embed, images, lang)
         main = torch.cuda.current_stream(self.device)
         self.stream.wait_stream(main)  # the inputs were made on the main stream
         with torch.cuda.stream(self.stream):
-            emb = self._run(self._embed, images, lang)
+            emb = self._rows(self._embed, images, lang)
         # the caching allocator must not hand these blocks out again before the other stream is done
         images.record_stream(self.stream)
         lang.record_stream(self.stream)
@@ -111,7 +120,17 @@ class CriticScorer:
             norm = torch.from_numpy(self.normalizer.normalize(actions)).to(self.device)
         if self.stream is not None:
             torch.cuda.current_stream(self.device).wait_stream(self.stream)  # the embedding is ready
-        return self._run(self._heads, emb, norm)
+        return self._rows(self._heads, emb, norm)
+
+    def _rows(self, fn: Callable[..., torch.Tensor], *inputs: torch.Tensor) -> torch.Tensor:
+        """fn over the rows of `inputs` (dim 0), in calls of exactly `batch_rows` rows if it is set."""
+        if self.batch_rows is None:
+            return self._run(fn, *inputs)
+        outs = [
+            self._run(fn, *(pad_rows(x[start:stop], pad) for x in inputs))[: stop - start]
+            for start, stop, pad in fixed_batches(len(inputs[0]), self.batch_rows)
+        ]
+        return torch.cat(outs) if len(outs) > 1 else outs[0]
 
     def _run(self, fn: Callable[..., torch.Tensor], *inputs: torch.Tensor) -> torch.Tensor:
         """fn(*inputs), replayed from a CUDA graph per input shape if `cuda_graphs`."""
@@ -141,6 +160,11 @@ class CriticScorer:
             images.permute(0, 3, 1, 2).float(), size=self.image_shape[:2], mode="bilinear", antialias=True
         )
         return x.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous()
+
+
+def pad_rows(x: torch.Tensor, pad: int) -> torch.Tensor:
+    """x followed by `pad` copies of its first row."""
+    return torch.cat([x, x[:1].expand(pad, *x.shape[1:])]) if pad else x
 
 
 class CudaGraphed:

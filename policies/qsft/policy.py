@@ -22,7 +22,7 @@ from omegaconf import OmegaConf
 from configs.checkpoint import MODEL_FILE, resolve_checkpoint
 from configs.errors import UserError
 from data.normalize import ActionNormalizer
-from policies.base import ACTION_DIM, POLICIES, Observation, Policy
+from policies.base import ACTION_DIM, POLICIES, Observation, Policy, fixed_batches
 from policies.learned import CONFIG_FILE, STATS_FILE, LearnedPolicy, LoadedModel, dataset_stats, resolve_device
 from policies.qsft.lora import lora_enabled, merge_lora
 from policies.qsft.qsft import CRITIC_MODES, QSFTModel
@@ -66,7 +66,7 @@ class QSFTPolicy(LearnedPolicy):
         if not 0 < self.floor < 1:
             raise UserError(f"policy.select_floor={self.floor}: it must lie in (0, 1).")
 
-    def _sample(self, images: torch.Tensor, instructions: list[str], k: int, slots: list[int]) -> torch.Tensor:
+    def _sample(self, images: torch.Tensor, instructions: list[str], k: int, slots: list[int | None]) -> torch.Tensor:
         uniform = self.draw(slots, (k, ACTION_DIM)) if self.temperature > 0 else None
         ids = self.model.select(images, instructions, k, self.beta, self.temperature, self.top_k, None, self.value,
                                 self.floor, self.fused, uniform)  # fmt: skip
@@ -95,6 +95,11 @@ class QSFTCritic:
         self.device = next(self.model.parameters()).device
         stats = dataset_stats(loaded.stats, dataset, str(loaded.path))
         self.normalizer = ActionNormalizer(stats, loaded.cfg.data.normalization, source=f"{loaded.path}/{STATS_FILE}")
+        self.batch_rows: int | None = None
+
+    def fix_batch_rows(self, rows: int | None) -> None:
+        """Score exactly `rows` observations per forward from now on, padded (policies/base.py)."""
+        self.batch_rows = rows
 
     @torch.no_grad()
     def score_batch(self, observations: Sequence[Observation], actions: np.ndarray | torch.Tensor) -> torch.Tensor:
@@ -103,8 +108,15 @@ class QSFTCritic:
         if actions.ndim != 3 or actions.shape[0] != len(observations) or actions.shape[-1] != 7:
             raise ValueError(f"actions must be (N={len(observations)}, K, 7), got {actions.shape}")
         ids = torch.from_numpy(self.model.tokens.encode(self.normalizer.normalize(actions))).to(self.device)
-        images = stack_images([o["image_primary"] for o in observations], self.model.image_size).to(self.device)
-        return self.model.score(images, [str(o["instruction"]) for o in observations], ids, self.mode)
+        images = [o["image_primary"] for o in observations]
+        instructions = [str(o["instruction"]) for o in observations]
+        outs = []
+        for start, stop, pad in fixed_batches(len(observations), self.batch_rows):
+            batch = stack_images(images[start:stop] + images[start : start + 1] * pad, self.model.image_size)
+            rows = torch.cat([ids[start:stop], ids[start : start + 1].expand(pad, *ids.shape[1:])])
+            text = instructions[start:stop] + instructions[start : start + 1] * pad
+            outs.append(self.model.score(batch.to(self.device), text, rows, self.mode)[: stop - start])
+        return torch.cat(outs) if len(outs) > 1 else outs[0]
 
     def score(self, obs: Observation, actions: np.ndarray | torch.Tensor) -> torch.Tensor:
         """One observation, K canonical actions (K, 7) -> (K,)."""

@@ -9,7 +9,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from configs.errors import UserError
-from policies.base import POLICIES, _import_policy_modules, make_policy
+from policies.base import POLICIES, RandomPolicy, _import_policy_modules, fixed_batches, make_policy
 from policies.learned import dataset_stats
 from tests.policies.conftest import contract_config, fake_stats, observation, tiny_checkpoint, tiny_model_config
 
@@ -79,6 +79,38 @@ def test_an_episode_draws_from_its_seed_whatever_its_slot_and_batch(name: str, t
     np.testing.assert_allclose(a.sample_actions_batch([o], 3, [2])[0], first[0], rtol=1e-5, atol=1e-6)
     a.close()
     b.close()
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_with_fixed_batch_rows_an_episode_is_bit_identical_whatever_its_batch(name: str, tmp_path: Path) -> None:
+    """fix_batch_rows(3), as the sim runner sets it: episode seed 11's candidates are the same *bit for
+    bit* alone, second of two next to another episode, and fifth of five (a batch of three and a
+    padded one of two), over two calls; the filler rows draw nothing from any episode's stream."""
+    cfg = contract_config(name, tmp_path)
+    o, runs = observation(0), []
+    for position, n in ((0, 1), (1, 2), (4, 5)):
+        policy = make_policy(cfg)
+        policy.fix_batch_rows(3)
+        batch = [observation(20 + n + j, "go") for j in range(n)]
+        batch[position] = o
+        for j in range(n):
+            policy.reset("reach forward" if j == position else "go", j, seed=11 if j == position else 30 + n + j)
+        runs.append([policy.sample_actions_batch(batch, 3, list(range(n)))[position] for _ in range(2)])
+        policy.close()
+    for other in runs[1:]:
+        for x, y in zip(runs[0], other, strict=True):
+            np.testing.assert_array_equal(x, y)
+    unpadded = make_policy(cfg)  # the same draws without padding: equal up to rounding
+    unpadded.reset("reach forward", 0, seed=11)
+    np.testing.assert_allclose(unpadded.sample_actions(o, 3), runs[0][0], rtol=1e-5, atol=1e-6)
+
+
+def test_fixed_batches_cover_every_row_once() -> None:
+    assert fixed_batches(5, None) == [(0, 5, 0)]
+    assert fixed_batches(5, 3) == [(0, 3, 0), (3, 5, 1)]
+    assert fixed_batches(2, 4) == [(0, 2, 2)] and fixed_batches(4, 4) == [(0, 4, 0)] and fixed_batches(0, 4) == []
+    with pytest.raises(ValueError, match="batch rows"):
+        RandomPolicy().fix_batch_rows(0)
 
 
 @pytest.mark.parametrize("name", ["random", "vla", "flow", "qsft", "openvla"])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -228,6 +229,59 @@ def test_batched_scores_equal_one_by_one_scores() -> None:
     batch = critic.score_batch([obs(0), obs(1, "go")], actions)
     singles = torch.stack([critic.score(o, a) for o, a in zip([obs(0), obs(1, "go")], actions, strict=True)])
     torch.testing.assert_close(batch, singles, rtol=1e-5, atol=1e-5)
+
+
+def scores_in_batches(critic: Any, target: Observation, actions: np.ndarray) -> list[np.ndarray]:
+    """The target's scores alone, second of two and fourth of five (batches of 3, the last one padded)."""
+    out = []
+    for position, n in ((0, 1), (1, 2), (3, 5)):
+        batch = [obs(40 + n + j, "go") for j in range(n)]
+        batch[position] = target
+        rows = np.random.default_rng(n).normal(0, 0.01, (n, len(actions), 7)).astype(np.float32)
+        rows[position] = actions
+        out.append(np.asarray(critic.score_batch(batch, rows))[position])
+    return out
+
+
+@pytest.mark.parametrize("kind", ["film_resnet", "qsft"])
+def test_with_fixed_batch_rows_scores_are_bit_identical_whatever_the_batch(kind: str, tmp_path: Path) -> None:
+    if kind == "qsft":
+        from policies.qsft.policy import load_qsft_critic
+        from tests.qsft.helpers import tiny_qsft_checkpoint
+
+        critic = load_qsft_critic(tiny_qsft_checkpoint(tmp_path / "qsft"), "ratio", device="cpu")
+    else:
+        critic = tiny_critic()
+    rows: list[int] = []  # the batch size of every network call
+    if kind == "qsft":
+        score = critic.model.score
+        critic.model.score = lambda images, *a: rows.append(len(images)) or score(images, *a)
+    else:
+        run = critic._run
+        critic._run = lambda fn, *inputs: rows.append(len(inputs[0])) or run(fn, *inputs)
+    target = dict(obs(0), instruction="reach forward")
+    actions = np.random.default_rng(0).normal(0, 0.01, (6, 7)).astype(np.float32)
+    free = scores_in_batches(critic, target, actions)
+    assert set(rows) == {1, 2, 5}
+    rows.clear()
+    critic.fix_batch_rows(3)
+    fixed = scores_in_batches(critic, target, actions)
+    assert set(rows) == {3}
+    for scores in fixed[1:]:
+        np.testing.assert_array_equal(scores, fixed[0])
+    np.testing.assert_allclose(free[0], fixed[0], rtol=1e-5, atol=1e-5)
+
+
+def test_steering_fixes_the_batch_rows_of_its_policy_and_critic() -> None:
+    from policies.base import RandomPolicy
+
+    base, critic = RandomPolicy(), tiny_critic()
+    steered = ValueSteeredPolicy(base, critic, k=4, beta=0.0)
+    steered.fix_batch_rows(4)
+    assert steered.batch_rows == base.batch_rows == critic.batch_rows == 4
+    steered.fix_batch_rows(None)
+    assert steered.batch_rows is base.batch_rows is critic.batch_rows is None
+    ValueSteeredPolicy(RandomPolicy(), by_index([0.0] * 4), k=4, beta=0.0).fix_batch_rows(2)  # a critic without it
 
 
 # --- normalisation -----------------------------------------------------------------------------------

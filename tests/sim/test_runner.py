@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -59,6 +60,16 @@ def test_episode_seeds_are_deterministic_distinct_and_stable_when_extended() -> 
     assert [s.record for s in recorded] == [True, True, False, False]
 
 
+def test_task_selections_name_one_task_several_or_the_suite() -> None:
+    from configs.errors import UserError
+    from sim.tasks import TASKS, task_names
+
+    assert task_names("stack") == ["stack"] and task_names("suite") == TASKS.names()
+    assert task_names("stack+lift") == ["stack", "lift"] == task_names("stack+lift+stack")
+    with pytest.raises(UserError, match="lfit"):
+        task_names("stack+lfit")
+
+
 @pytest.mark.parametrize("lockstep", [True, False])
 def test_runs_every_episode_with_batched_policy_calls(lockstep: bool) -> None:
     policy = EchoPolicy()
@@ -99,6 +110,28 @@ def test_a_stochastic_policy_gives_the_same_episodes_whatever_the_batches() -> N
     assert len(set(reference.values())) == 8  # every episode drew its own numbers
     assert run(3, False) == reference == run(3, True)
     assert run(3, False, seed=1) != reference
+
+
+def test_a_neural_policy_repeats_bit_for_bit_async_or_lockstep(tmp_path: Path) -> None:
+    """A flow policy (float noise through a network, whose rounding depends on the batch size): with the
+    runner's fixed batch rows every episode's return (the sum of its actions' x) is the same bit for
+    bit in a lockstep run and in async runs whose batches a slow worker makes timing-dependent."""
+    from policies.base import make_policy
+    from tests.policies.conftest import contract_config
+
+    cfg = contract_config("flow", tmp_path)
+    make_env = functools.partial(make_fake_env, slow_seed=2, slow_s=0.05)
+
+    def run(lockstep: bool) -> dict[int, float]:
+        policy = make_policy(cfg)
+        with Runner(make_env, workers=3, lockstep=lockstep) as runner:
+            returns = {r.seed: r.ret for r in runner.run(specs(range(8)), policy)}
+        assert policy.batch_rows is None  # the runner's setting ends with its run
+        return returns
+
+    reference = run(True)
+    assert len(set(reference.values())) == 8
+    assert run(False) == reference == run(False)
 
 
 def test_without_lockstep_a_slow_worker_does_not_hold_the_others_back() -> None:
