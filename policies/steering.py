@@ -45,7 +45,9 @@ class Scorer(Protocol):
 
     A scorer that also has `embed_batch(observations) -> emb` and `score_embedded(emb, actions)`
     (CriticScorer) gets its observations encoded *before* the policy samples, so that on a GPU the
-    critic's encoder overlaps with the policy's sampling.
+    critic's encoder overlaps with the policy's sampling. A scorer that draws random numbers sets
+    `episode_rngs = True` and takes `score_batch(observations, actions, rngs)`: one NumPy generator per
+    row, that row's episode stream (Policy.episode_stream), so a row's scores do not depend on its batch.
     """
 
     def score_batch(self, observations: Sequence[Observation], actions: np.ndarray) -> Any:
@@ -58,6 +60,8 @@ class RandomScorer:
     ValueSteeredPolicy passes each row's episode generator (`rngs`), so that a row's scores do not
     depend on the other rows of the batch; without them the scorer draws from its own.
     """
+
+    episode_rngs = True
 
     def __init__(self, seed: int = 0) -> None:
         self.rng = np.random.default_rng([seed, 0x5C0FE])
@@ -160,7 +164,7 @@ class ValueSteeredPolicy(Policy):
         if candidates.shape != (len(slots), k, self.chunk, 7):
             raise ValueError(f"base policy returned {candidates.shape}, expected {(len(slots), k, self.chunk, 7)}")
         first = candidates[:, :, 0]  # V-GPS scores the first action of each chunk
-        if isinstance(self.critic, RandomScorer):
+        if getattr(self.critic, "episode_rngs", False):
             q = self.critic.score_batch(observations, first, [self.episode_stream(s, "random critic") for s in slots])
         elif emb is None:
             q = _to_numpy(self.critic.score_batch(observations, first))
