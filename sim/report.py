@@ -4,7 +4,9 @@
 
 compares evaluation runs (e.g. a policy with and without steering on the same seeds): one table
 and one plot, with each run's success rate and interval per task, plus the paired counts on the
-episodes (task, seed) that every run evaluated.
+episodes (task, seed) that the first run and each other run both evaluated, over all tasks and per
+task, with the exact McNemar test of the difference (a two-sided binomial test on the episodes that
+only one of the two runs solved).
 """
 
 from __future__ import annotations
@@ -123,18 +125,27 @@ def plot_success(groups: dict[str, Sequence[TaskSummary]], path: Path, title: st
     return path
 
 
-def paired_counts(a: list[dict[str, Any]], b: list[dict[str, Any]]) -> dict[str, int]:
-    """On the episodes (task, seed) both runs evaluated: how often both / only one / neither succeeded."""
-    sa = {(r["task"], r["seed"]): bool(r["success"]) for r in a}
-    sb = {(r["task"], r["seed"]): bool(r["success"]) for r in b}
+def mcnemar_exact(only_first: int, only_second: int) -> float:
+    """Two-sided exact McNemar p-value: the discordant pairs as a fair coin's binomial (1 if there are none)."""
+    n, k = only_first + only_second, min(only_first, only_second)
+    tail = sum(math.comb(n, i) for i in range(k + 1)) / 2**n
+    return min(1.0, 2 * tail)
+
+
+def paired_counts(a: list[dict[str, Any]], b: list[dict[str, Any]], task: str | None = None) -> dict[str, Any]:
+    """On the episodes (task, seed) both runs evaluated (of `task` only, if given): how often both / only
+    one / neither succeeded, and the exact McNemar p-value of the difference."""
+    sa = {(r["task"], r["seed"]): bool(r["success"]) for r in a if task is None or r["task"] == task}
+    sb = {(r["task"], r["seed"]): bool(r["success"]) for r in b if task is None or r["task"] == task}
     common = sa.keys() & sb.keys()
-    return {
+    counts = {
         "common": len(common),
         "both": sum(sa[k] and sb[k] for k in common),
         "only_first": sum(sa[k] and not sb[k] for k in common),
         "only_second": sum(sb[k] and not sa[k] for k in common),
         "neither": sum(not sa[k] and not sb[k] for k in common),
     }
+    return {**counts, "p_mcnemar": mcnemar_exact(counts["only_first"], counts["only_second"])}
 
 
 def compare_runs(run_dirs: Sequence[str | Path], out_dir: str | Path | None = None) -> str:
@@ -148,12 +159,17 @@ def compare_runs(run_dirs: Sequence[str | Path], out_dir: str | Path | None = No
     summaries = {label: summarize(rs) for label, rs in records.items()}
     labels = list(records)
     parts = [f"## {label}\n\n{format_table(rows)}" for label, rows in summaries.items()]
-    pairs = {f"{labels[0]} vs {other}": paired_counts(records[labels[0]], records[other]) for other in labels[1:]}
-    lines = [
-        f"- {name}: {c['common']} common episodes; both succeeded {c['both']}, only the first {c['only_first']}, "
-        f"only the second {c['only_second']}, neither {c['neither']}"
-        for name, c in pairs.items()
-    ]
+    tasks = sorted({r["task"] for rs in records.values() for r in rs})
+    pairs, lines = {}, []
+    for other in labels[1:]:
+        for task in [None, *tasks] if len(tasks) > 1 else [None]:
+            name = f"{labels[0]} vs {other}" + (f" ({task})" if task else "")
+            c = pairs[name] = paired_counts(records[labels[0]], records[other], task)
+            lines.append(
+                f"- {name}: {c['common']} common episodes; both succeeded {c['both']}, only the first "
+                f"{c['only_first']}, only the second {c['only_second']}, neither {c['neither']}; exact McNemar "
+                f"p = {c['p_mcnemar']:.2g}"
+            )
     report = "\n\n".join([*parts, "## paired (same task and seed)\n\n" + "\n".join(lines)])
     if out_dir is not None:
         out = Path(out_dir)
