@@ -26,8 +26,8 @@ Rounding is per batch shape: a batched model's kernels round differently at diff
 and a simulator amplifies a difference of 1e-7 into another episode within tens of steps.
 `fix_batch_rows(rows)` makes a policy run every batched forward on exactly `rows` rows (padding with
 copies of the first observation, whose results and draws are thrown away), so that a row's result
-depends on nothing but its own observation and episode: the runner fixes it to its worker count,
-and an evaluation then repeats bit for bit whatever order its workers reply in.
+depends on nothing but its own observation and episode. The runner fixes it to its worker count
+(how close async runs then come to bit-identical replays: docs/sim.md).
 
 This module imports NumPy only: remote clients and servers are Policies too.
 """

@@ -89,7 +89,7 @@ class RunnerConfig:
     step_timeout_s: float = 60.0
     # false: the policy acts on the workers that have replied while the others step on (faster with
     # many workers); true: each policy call waits for every worker. Policies draw their noise per
-    # episode, from its seed, in both modes; with fixed_batch both give the same episodes, bit for bit.
+    # episode, from its seed, in both modes; fixed_batch removes the batch size from their rounding.
     lockstep: bool = False
     # Every policy (and critic) forward runs on `workers` rows, padded: a neural policy's rounding
     # depends on the batch size, which async batches vary, and the simulation amplifies it into other
