@@ -121,12 +121,13 @@ class Policy(ABC):
         """Release resources (servers, connections, worker processes)."""
 
 
-def fixed_batches(n: int, rows: int | None) -> list[tuple[int, int, int]]:
-    """How to run n rows in batches of exactly `rows` (None: one batch of n): (start, stop, padding) per
-    batch, where rows start..stop of the input are followed by `padding` filler rows."""
+def fixed_batches(n: int, rows: int | None) -> list[tuple[list[int], int]]:
+    """How to run n rows in batches of exactly `rows` (None: one batch of all n): per batch, the input
+    row of each batch row and how many of them are real. The real rows come first; filler rows repeat
+    the batch's first row. Index a list, array or tensor with the indices; keep the first `real` results."""
     if rows is None:
-        return [(0, n, 0)]
-    return [(i, min(i + rows, n), max(0, i + rows - n)) for i in range(0, n, rows)]
+        return [(list(range(n)), n)]
+    return [([*range(i, min(i + rows, n)), *[i] * max(0, i + rows - n)], min(rows, n - i)) for i in range(0, n, rows)]
 
 
 def check_actions(actions: np.ndarray, k: int, chunk: int, who: str = "policy") -> np.ndarray:

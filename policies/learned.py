@@ -187,14 +187,11 @@ class LearnedPolicy(Policy):
         instructions = [self._instruction(o, s) for o, s in zip(observations, slots, strict=True)]
         parts = []
         with torch.inference_mode():
-            for start, stop, pad in fixed_batches(len(observations), self.batch_rows):
-                batch = stack_images(images[start:stop] + images[start : start + 1] * pad, self.model.image_size)
-                norm = self._sample(
-                    batch.to(self.device),
-                    instructions[start:stop] + instructions[start : start + 1] * pad,
-                    k,
-                    [*slots[start:stop], *[None] * pad],
-                )[: stop - start]  # (n, k, chunk, 7)
+            for rows, real in fixed_batches(len(observations), self.batch_rows):
+                batch = stack_images([images[i] for i in rows], self.model.image_size).to(self.device)
+                draw_slots = [slots[i] if j < real else None for j, i in enumerate(rows)]  # fillers draw nothing
+                text = [instructions[i] for i in rows]
+                norm = self._sample(batch, text, k, draw_slots)[:real]  # (real, k, chunk, 7)
                 norm = torch.maximum(torch.minimum(norm.float(), self.high), self.low)
                 parts.append(self.normalizer.unnormalize(norm).cpu().numpy())
         return np.stack([check_actions(a, k, self.chunk, type(self).__name__) for p in parts for a in p])

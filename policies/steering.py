@@ -45,7 +45,8 @@ class Scorer(Protocol):
 
     A scorer that also has `embed_batch(observations) -> emb` and `score_embedded(emb, actions)`
     (CriticScorer) gets its observations encoded *before* the policy samples, so that on a GPU the
-    critic's encoder overlaps with the policy's sampling. A scorer that draws random numbers sets
+    critic's encoder overlaps with the policy's sampling. A scorer with `fix_batch_rows(rows)` gets the
+    steered policy's setting (policies/base.py). A scorer that draws random numbers sets
     `episode_rngs = True` and takes `score_batch(observations, actions, rngs)`: one NumPy generator per
     row, that row's episode stream (Policy.episode_stream), so a row's scores do not depend on its batch.
     """

@@ -127,8 +127,8 @@ class CriticScorer:
         if self.batch_rows is None:
             return self._run(fn, *inputs)
         outs = [
-            self._run(fn, *(pad_rows(x[start:stop], pad) for x in inputs))[: stop - start]
-            for start, stop, pad in fixed_batches(len(inputs[0]), self.batch_rows)
+            self._run(fn, *(x[rows] for x in inputs))[:real]
+            for rows, real in fixed_batches(len(inputs[0]), self.batch_rows)
         ]
         return torch.cat(outs) if len(outs) > 1 else outs[0]
 
@@ -160,11 +160,6 @@ class CriticScorer:
             images.permute(0, 3, 1, 2).float(), size=self.image_shape[:2], mode="bilinear", antialias=True
         )
         return x.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous()
-
-
-def pad_rows(x: torch.Tensor, pad: int) -> torch.Tensor:
-    """x followed by `pad` copies of its first row."""
-    return torch.cat([x, x[:1].expand(pad, *x.shape[1:])]) if pad else x
 
 
 class CudaGraphed:

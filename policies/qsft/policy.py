@@ -111,11 +111,9 @@ class QSFTCritic:
         images = [o["image_primary"] for o in observations]
         instructions = [str(o["instruction"]) for o in observations]
         outs = []
-        for start, stop, pad in fixed_batches(len(observations), self.batch_rows):
-            batch = stack_images(images[start:stop] + images[start : start + 1] * pad, self.model.image_size)
-            rows = torch.cat([ids[start:stop], ids[start : start + 1].expand(pad, *ids.shape[1:])])
-            text = instructions[start:stop] + instructions[start : start + 1] * pad
-            outs.append(self.model.score(batch.to(self.device), text, rows, self.mode)[: stop - start])
+        for rows, real in fixed_batches(len(observations), self.batch_rows):
+            batch = stack_images([images[i] for i in rows], self.model.image_size).to(self.device)
+            outs.append(self.model.score(batch, [instructions[i] for i in rows], ids[rows], self.mode)[:real])
         return torch.cat(outs) if len(outs) > 1 else outs[0]
 
     def score(self, obs: Observation, actions: np.ndarray | torch.Tensor) -> torch.Tensor:

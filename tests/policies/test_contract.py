@@ -106,9 +106,10 @@ def test_with_fixed_batch_rows_an_episode_is_bit_identical_whatever_its_batch(na
 
 
 def test_fixed_batches_cover_every_row_once() -> None:
-    assert fixed_batches(5, None) == [(0, 5, 0)]
-    assert fixed_batches(5, 3) == [(0, 3, 0), (3, 5, 1)]
-    assert fixed_batches(2, 4) == [(0, 2, 2)] and fixed_batches(4, 4) == [(0, 4, 0)] and fixed_batches(0, 4) == []
+    assert fixed_batches(5, None) == [([0, 1, 2, 3, 4], 5)]
+    assert fixed_batches(5, 3) == [([0, 1, 2], 3), ([3, 4, 3], 2)]
+    assert fixed_batches(2, 4) == [([0, 1, 0, 0], 2)] and fixed_batches(4, 4) == [([0, 1, 2, 3], 4)]
+    assert fixed_batches(0, 4) == []
     with pytest.raises(ValueError, match="batch rows"):
         RandomPolicy().fix_batch_rows(0)
 
