@@ -10,8 +10,8 @@ size, and the simulation may amplify it; the runner's fixed batch rows (`runner.
 default) remove that. The script records `--episodes` episodes per task with the policy of
 `--checkpoint` (any `policy=<name>` config via --policy) three times: lockstep, async, lockstep
 again, and reports per episode whether the lockstep rerun and the async run were bit-identical, the
-first step at which the async actions differ, the largest action difference at steps 0, 5 and 20,
-and the two outcomes. JSON out (`--out`).
+first step at which the async actions differ and the first at which the observations do, the
+largest action difference at steps 0, 5 and 20, and the two outcomes. JSON out (`--out`).
 """
 
 from __future__ import annotations
@@ -44,6 +44,15 @@ def build_policy(args: argparse.Namespace):
         return build(compose("eval_sim", overrides=overrides))
 
 
+def first_differing_observation(a, b) -> int | None:
+    """The first step whose image or state differs between two trajectories (None: all equal)."""
+    n = min(len(a.state), len(b.state))
+    for t in range(n):
+        if not (np.array_equal(a.state[t], b.state[t]) and np.array_equal(a.images[t], b.images[t])):
+            return t
+    return None
+
+
 def run(args: argparse.Namespace) -> dict:
     from sim.config import SimConfig
     from sim.env import make_sim_env
@@ -62,11 +71,15 @@ def run(args: argparse.Namespace) -> dict:
         a, b, again = first.trajectory.action, runs[1][seed].trajectory.action, runs[2][seed].trajectory.action
         n = min(len(a), len(b))
         diff = np.abs(a[:n] - b[:n]).max(-1)
+        obs_step = first_differing_observation(first.trajectory, runs[1][seed].trajectory)
         episodes.append({
             "seed": seed,
             "lockstep_rerun_identical": bool(a.shape == again.shape and np.array_equal(a, again)),
             "async_identical": bool(a.shape == b.shape and np.array_equal(a, b)),
             "first_differing_step": int(np.argmax(diff > 0)) if (diff > 0).any() else None,
+            # observation t is what action t was chosen from: an earlier observation difference
+            # than action difference points at the simulation or the renderer, not the policy
+            "first_differing_observation": obs_step,
             "max_action_diff": {str(t): float(diff[t]) for t in (0, 5, 20) if t < n},
             "success_lockstep": first.success, "success_async": runs[1][seed].success,
         })  # fmt: skip
@@ -98,7 +111,8 @@ def main() -> None:
     for e in result["episodes"]:
         print(f"seed {e['seed']}: lockstep rerun identical {e['lockstep_rerun_identical']}, async identical "
               f"{e['async_identical']}, first differing step "
-              f"{e['first_differing_step']}, max |action diff| {e['max_action_diff']}, success lockstep "
+              f"{e['first_differing_step']} (observation {e['first_differing_observation']}), "
+              f"max |action diff| {e['max_action_diff']}, success lockstep "
               f"{e['success_lockstep']} / async {e['success_async']}")  # fmt: skip
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1))

@@ -14,7 +14,10 @@ ensemble, as steering does) and reports, as JSON:
   has often not happened yet (an early release, say), cannot be separated by anything that sees only
   the present, so the per-bucket figures show where the separation comes from;
 - `spearman_mc_return`: rank correlation of Q with the Monte-Carlo return;
-- the mean Q of successful and failed episodes per timestep (the curves behind the AUC).
+- the mean Q of successful and failed episodes per timestep (the curves behind the AUC);
+- `by_task`: the AUC, correlation and episode counts of each sim task (the registry's phrasings of
+  each held-out instruction), when the data hold several, since a mixture's overall AUC can hide
+  one task that the critic does not separate at all.
 
 A train_qsft.py checkpoint is scored the way `steer.critic=qsft` scores candidates
 (policies/qsft/policy.py): p_theta of the action's last token (`--qsft-mode p_theta`) or that over
@@ -77,6 +80,30 @@ def separation(q: np.ndarray, success: np.ndarray, timestep: np.ndarray, mc: np.
     return out
 
 
+def tasks_of(instructions: list[str]) -> list[str | None]:
+    """The sim task whose phrasings include each instruction (None: no registered task, e.g. Bridge)."""
+    from sim.tasks import TASKS
+
+    phrasing = {text: name for name in TASKS.names() for text in TASKS.get(name).instructions}
+    return [phrasing.get(text) for text in instructions]
+
+
+def by_task(q: np.ndarray, success: np.ndarray, timestep: np.ndarray, mc: np.ndarray, episode: np.ndarray,
+            task: np.ndarray) -> dict:  # fmt: skip
+    """Per sim task: transitions, episodes, matched AUC (NaN if one class is missing) and Spearman."""
+    out = {}
+    for name in sorted({t for t in task if t is not None}):
+        sel = task == name
+        s = success[sel]
+        out[name] = {
+            "transitions": int(sel.sum()),
+            "episodes": {"success": len(np.unique(episode[sel][s])), "failure": len(np.unique(episode[sel][~s]))},
+            "auc_success_matched": matched_auc(q[sel], s, timestep[sel]) if 0 < s.sum() < len(s) else float("nan"),
+            "spearman_mc_return": spearman(q[sel], mc[sel]),
+        }
+    return out
+
+
 def held_out(run: str, val_fraction: float | None = None) -> tuple[Path, dict, MixtureDataset]:
     """(checkpoint dir, prepared datasets, held-out MixtureDataset) of a run's own data config.
 
@@ -128,7 +155,7 @@ def main() -> None:
     ckpt, prepared, val = held_out(args.run, args.val_fraction)
     qsft = is_qsft(ckpt)
     q_of = qsft_scorer(ckpt, args.qsft_mode) if qsft else critic_scorer(ckpt, args.params, prepared, val)
-    qs, ok, ts, mcs = [], [], [], []
+    qs, ok, ts, mcs, ids = [], [], [], [], []
     with torch.no_grad():
         for start in range(0, len(val), args.batch):
             b = val.__getitems__(list(range(start, min(start + args.batch, len(val)))))
@@ -137,6 +164,7 @@ def main() -> None:
             ok.append(b["success"].numpy())
             ts.append(b["timestep"].numpy())
             mcs.append(b["mc_return"].numpy())
+            ids.append(b["instruction_id"].numpy())
     q, success, timestep, mc = (np.concatenate(x) for x in (qs, ok, ts, mcs))
     episode = np.concatenate([part.episode + 10**9 * i for i, part in enumerate(val.parts)])  # unique across parts
     known = success >= 0
@@ -150,6 +178,10 @@ def main() -> None:
         "episodes": {name: len(np.unique(episode[success == flag])) for name, flag in (("success", 1), ("failure", 0))},
         **separation(q[known], success[known] == 1, timestep[known], mc[known], args.buckets),
     }
+    task = np.array(tasks_of(val.instructions), dtype=object)[np.concatenate(ids)]
+    if len({t for t in task if t is not None}) > 1:
+        result["by_task"] = by_task(q[known], success[known] == 1, timestep[known], mc[known], episode[known],
+                                    task[known])  # fmt: skip
     out = Path(args.out) if args.out else Path(args.run) / "value_separation.json"
     out.write_text(json.dumps(result, indent=1))
     by = ", ".join(
@@ -157,8 +189,9 @@ def main() -> None:
         for b in result["by_timestep"]
         if b["pairs"]
     )
-    print(f"{ckpt}: AUC {result['auc_success_matched']:.3f} [{by}], spearman {result['spearman_mc_return']:.3f}, "
-          f"{result['transitions']} transitions -> {out}")  # fmt: skip
+    tasks = "".join(f", {n} {t['auc_success_matched']:.3f}" for n, t in result.get("by_task", {}).items())
+    print(f"{ckpt}: AUC {result['auc_success_matched']:.3f} [{by}]{tasks}, spearman "
+          f"{result['spearman_mc_return']:.3f}, {result['transitions']} transitions -> {out}")  # fmt: skip
 
 
 if __name__ == "__main__":

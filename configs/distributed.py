@@ -21,6 +21,10 @@ from torch import nn
 
 from configs.errors import UserError
 
+# Under torchrun rank r draws its random numbers from seed + r * RANK_SEED, so that the ranks do not
+# repeat each other's noise (augmentation, sampled actions, relabelling) on their shards of a batch.
+RANK_SEED = 7919
+
 
 @dataclass
 class Distributed:
@@ -31,6 +35,10 @@ class Distributed:
     @property
     def main(self) -> bool:
         return self.rank == 0
+
+    def seed(self, seed: int) -> int:
+        """This rank's seed for random draws (`seed` itself on rank 0 and in a single process)."""
+        return seed + RANK_SEED * self.rank
 
     @property
     def log_name(self) -> str:
@@ -124,6 +132,17 @@ def mean_over_ranks(values: dict[str, torch.Tensor | float], dist: Distributed) 
         flat = flat.cuda()
     tdist.all_reduce(flat)
     return {k: float(v) / dist.world for k, v in zip(names, flat.tolist(), strict=True)}
+
+
+def gather_lists(values: list[Any], dist: Distributed) -> list[Any]:
+    """Every rank's list, concatenated in rank order, on every rank (picklable items)."""
+    if dist.world == 1:
+        return list(values)
+    import torch.distributed as tdist
+
+    boxes: list[Any] = [None] * dist.world
+    tdist.all_gather_object(boxes, list(values))
+    return [item for box in boxes for item in box]
 
 
 def average_gradients(params: list[nn.Parameter]) -> None:

@@ -44,7 +44,6 @@ from policies.learned import MODELS, save_policy_checkpoint
 
 log = logging.getLogger(__name__)
 METRICS_FILE = "metrics.jsonl"
-RANK_SEED = 7919  # under torchrun rank r draws its noise from seed + r * RANK_SEED: ranks do not repeat each other
 
 
 def check_losses_since_log(sums: dict[str, Any], count: int, done: int, dist: Distributed) -> None:
@@ -203,8 +202,7 @@ def _loop(cfg: TrainPolicyConfig, model: nn.Module, optimizer: Any, scheduler: A
 
 def _train_step(cfg: TrainPolicyConfig, model: nn.Module, optimizer: Any, scheduler: Any, batch: dict[str, Any],
                 step: int, autocast: bool, dist: Distributed | None = None) -> dict[str, torch.Tensor]:  # fmt: skip
-    rank = dist.rank if dist is not None else 0
-    g = step_generator(cfg.seed + RANK_SEED * rank, step, batch["image"].device)
+    g = step_generator((dist or Distributed()).seed(cfg.seed), step, batch["image"].device)  # ranks draw apart
     if cfg.augment:
         from data.augment import augment
 
@@ -234,7 +232,7 @@ def validate(model: nn.Module, val: tuple[MixtureDataset, list[float]], cfg: Tra
     sums: dict[str, float] = {}
     for i, raw in enumerate(loader):
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-            g = step_generator(cfg.seed + 1 + RANK_SEED * dist.rank, i, device)
+            g = step_generator(dist.seed(cfg.seed + 1), i, device)
             metrics = model.evaluate(to_device(raw, device), g)
         sums = {k: sums.get(k, 0.0) + float(v) for k, v in metrics.items()}
     model.train()

@@ -3,7 +3,8 @@
 The loop: batch (loader position = step, so resume is exact) -> device, instruction embeddings from
 a table computed once -> optional negative-instruction relabelling and augmentation (both drawn from
 a per-step generator) -> `agent.update` -> logs, validation, checkpoints. Under torchrun each rank
-trains on its shard with batch_size / world_size and gradients are averaged (values/agent.py).
+trains on its shard with batch_size / world_size and gradients are averaged (values/agent.py); each
+rank draws its own noise (`Distributed.seed`), and validation is split over the ranks too.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from omegaconf import OmegaConf
 from tqdm import tqdm
 
 from configs.checkpoint import latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint
-from configs.distributed import Distributed, main_first, run_directory, start_training
+from configs.distributed import Distributed, gather_lists, main_first, mean_over_ranks, run_directory, start_training
 from configs.errors import UserError
 from configs.registry import Registry
 from configs.run import log_file, save_config, tensorboard_writer
@@ -92,32 +93,49 @@ def relabel_negatives(
     return out
 
 
+def training_batch(raw: dict[str, Any], lang_table: torch.Tensor, cfg: TrainValueConfig, step: int,
+                   device: torch.device, dist: Distributed) -> dict[str, torch.Tensor]:  # fmt: skip
+    """Step `step`'s batch on the device, relabelled and augmented with the step's generator; each
+    rank draws its own (`Distributed.seed`), so the ranks' shards do not share their noise."""
+    g = step_generator(dist.seed(cfg.seed + 7), step, device)
+    batch = to_device(raw, lang_table, device)
+    batch = relabel_negatives(batch, lang_table, cfg.value.negative_proportion, cfg.data.reward.step_reward,
+                              cfg.data.reward.discount, g)  # fmt: skip
+    if cfg.value.augment:
+        batch["image"], batch["next_image"] = augment_pair(batch["image"], batch["next_image"], g)
+    return batch
+
+
 # --- validation -------------------------------------------------------------------------------
 
 
 @torch.no_grad()
-def validate(agent: Agent, data: MixtureDataset, weights: list[float], lang_table: torch.Tensor,
-             cfg: TrainValueConfig, device: torch.device) -> dict[str, float]:  # fmt: skip
-    """TD error on held-out transitions; success-vs-failure AUC and MC-return correlation of Q."""
+def validate(agent: Agent, data: MixtureDataset, weights: list[float], lang_table: torch.Tensor, cfg: TrainValueConfig,
+             device: torch.device, dist: Distributed | None = None) -> dict[str, float]:  # fmt: skip
+    """TD error on held-out transitions; success-vs-failure AUC and MC-return correlation of Q.
+
+    The same `val_batches` batches every time; under torchrun each rank scores its shard of each
+    batch (batch_size / world rows, as in training), the TD error is averaged over the ranks and the
+    AUC and correlation are computed from every rank's Q values, so N ranks do the work of one."""
+    dist = dist or Distributed()
     loader = make_loader(
-        data, weights, cfg.batch_size, seed=cfg.seed + 1, num_workers=cfg.data.num_workers,
-        backend=cfg.data.loader, num_batches=cfg.val_batches,
+        data, weights, cfg.batch_size // dist.world, seed=cfg.seed + 1, num_workers=cfg.data.num_workers,
+        backend=cfg.data.loader, rank=dist.rank, world_size=dist.world, num_batches=cfg.val_batches,
     )  # fmt: skip
     sums: dict[str, float] = {}
     q, success, timestep, mc = [], [], [], []
     for i, raw in enumerate(loader):
         batch = to_device(raw, lang_table, device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=agent.autocast):
-            _, metrics = agent.losses(batch, step_generator(cfg.seed + 1, i, device))
+            _, metrics = agent.losses(batch, step_generator(dist.seed(cfg.seed + 1), i, device))
             q.append(agent.target.q(batch["image"], batch["lang"], batch["action"]).float().min(0).values.cpu())
         for name in ("td_error", "q_data"):
             sums[name] = sums.get(name, 0.0) + float(metrics[name])
         success.append(raw["success"])
         timestep.append(raw["timestep"])
         mc.append(raw["mc_return"])
-    n = max(i + 1, 1)
-    out = {f"val/{k}": v / n for k, v in sums.items()}
-    qs, ok, ts, mcs = (torch.cat(x).numpy() for x in (q, success, timestep, mc))
+    out = {f"val/{k}": v / max(cfg.val_batches, 1) for k, v in mean_over_ranks(sums, dist).items()}
+    qs, ok, ts, mcs = (np.concatenate(gather_lists([t.numpy() for t in x], dist)) for x in (q, success, timestep, mc))
     known = ok >= 0
     if known.any() and len(np.unique(ok[known])) == 2:
         out["val/auc_success_matched"] = matched_auc(qs[known], ok[known] == 1, ts[known])
@@ -141,7 +159,8 @@ def train_value(cfg: TrainValueConfig) -> Path:
     cache = EmbeddingCache(language, device)
     train_lang, val_lang = cache.table(train_data.instructions), cache.table(val_data.instructions)
     torch.manual_seed(cfg.seed)  # identical initialisation on every rank
-    agent = make_agent(cfg.value, language.dim, cfg.data.reward.discount, cfg.seed, cfg.channels_last).to(device)
+    agent = make_agent(cfg.value, language.dim, cfg.data.reward.discount, dist.seed(cfg.seed), cfg.channels_last)
+    agent = agent.to(device)
     agent.autocast = cfg.bf16 and device.type == "cuda"
     if cfg.channels_last:
         agent.to(memory_format=torch.channels_last)
@@ -182,12 +201,7 @@ def _loop(cfg: TrainValueConfig, agent: Agent, dist: Distributed, device: torch.
     )
     tick, step = time.perf_counter(), start
     for step, raw in enumerate(loader, start=start):
-        g = step_generator(cfg.seed + 7, step, device)
-        batch = to_device(raw, lang_table, device)
-        batch = relabel_negatives(batch, lang_table, cfg.value.negative_proportion, cfg.data.reward.step_reward,
-                                  cfg.data.reward.discount, g)  # fmt: skip
-        if cfg.value.augment:
-            batch["image"], batch["next_image"] = augment_pair(batch["image"], batch["next_image"], g)
+        batch = training_batch(raw, lang_table, cfg, step, device, dist)
         done = step + 1
         metrics = agent.update(batch, metrics=done % cfg.log_every == 0 or done == cfg.steps)
         bar.update()
@@ -200,7 +214,7 @@ def _loop(cfg: TrainValueConfig, agent: Agent, dist: Distributed, device: torch.
         if validating or saving:  # no validation or checkpoint of weights a non-finite loss produced, on any rank
             agent.check_finite(dist)
         if validating:
-            val_metrics = validate(agent, *val, cfg, device)
+            val_metrics = validate(agent, *val, cfg, device, dist)
             if dist.main:
                 _log(writer, bar, "", val_metrics, done)
         if dist.main and saving:

@@ -37,7 +37,6 @@ from policies.qsft.policy import NAME
 from policies.qsft.qsft import BACKUPS, QSFTModel, unit_rewards
 from policies.training import (
     METRICS_FILE,
-    RANK_SEED,
     _get_rng,
     _log,
     _set_rng,
@@ -245,7 +244,7 @@ def _train_step(cfg: TrainQSFTConfig, model: QSFTModel, optimizer: Any, schedule
     if cfg.augment:
         from data.augment import augment_pair
 
-        g = step_generator(cfg.seed + RANK_SEED * rank, step, batch["image"].device)
+        g = step_generator(Distributed(rank=rank).seed(cfg.seed), step, batch["image"].device)
         batch["image"], batch["next_image"] = augment_pair(batch["image"], batch["next_image"], g)
     joint = cfg.behaviour == "joint"
     with torch.autocast(batch["image"].device.type, dtype=torch.bfloat16, enabled=autocast):

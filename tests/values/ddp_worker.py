@@ -1,9 +1,14 @@
-"""Run by tests/values/test_ddp.py under torchrun (2 CPU ranks, gloo): `python -m torch.distributed.run
---standalone --nproc_per_node=2 -m tests.values.ddp_worker OUT`.
+"""Run by tests/values/test_ddp.py under torchrun (2 CPU ranks, gloo):
+`python -m torch.distributed.run --standalone --nproc_per_node=2 -m tests.values.ddp_worker MODE OUT ...`.
 
-Two IQL updates (deterministic: no sampled actions) with each rank on half of a fixed batch and the
-gradients averaged over the ranks (values/agent.py), against the same updates of one agent on the
-whole batch; rank 0 writes the comparison (tests/distributed.py `compare_with_reference`) to OUT.
+MODE step OUT: two IQL updates (deterministic: no sampled actions) with each rank on half of a fixed
+          batch and the gradients averaged over the ranks (values/agent.py), against the same updates
+          of one agent on the whole batch; rank 0 writes the comparison (tests/distributed.py
+          `compare_with_reference`) to OUT.
+MODE validate OUT OVERRIDES...: train_value's validation split over the ranks against one process
+          validating every batch alone (IQL: deterministic), and training step 0's batch
+          (relabelled, augmented) made from the same rows on each rank; rank 0 writes them to OUT.
+MODE train OVERRIDES...: train_value with the debug experiment and the overrides.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ from pathlib import Path
 import torch
 
 
-def main(out: Path) -> None:
+def step_mode(out: Path) -> None:
     import torch.distributed as tdist
 
     from configs.distributed import setup_distributed
@@ -41,5 +46,72 @@ def main(out: Path) -> None:
     tdist.destroy_process_group()
 
 
+def compose_cfg(overrides: list[str]):
+    from hydra import compose, initialize_config_dir
+
+    from configs import CONFIG_DIR
+    from configs.schema import register
+
+    register()
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
+        return compose("train_value", overrides=["+experiment=debug", *overrides])
+
+
+def validate_mode(out: Path, overrides: list[str]) -> None:
+    import torch.distributed as tdist
+
+    from configs.distributed import Distributed, gather_lists, main_first, setup_distributed
+    from data.loader import build_datasets, make_loader
+    from data.prepare import prepare_data
+    from values.language import EmbeddingCache, make_language_encoder
+    from values.train import make_agent, training_batch, validate
+
+    dist = setup_distributed("cpu")
+    torch.set_num_threads(1)
+    cfg = compose_cfg(["value=iql", *overrides])
+    with main_first(dist):
+        prepared = prepare_data(cfg.data)
+    val, weights = build_datasets(prepared, cfg.data, "val")
+    language = make_language_encoder(cfg.value.language, device="cpu")
+    lang = EmbeddingCache(language, torch.device("cpu")).table(val.instructions)
+    torch.manual_seed(cfg.seed)
+    agent = make_agent(cfg.value, language.dim, cfg.data.reward.discount, dist.seed(cfg.seed), False)
+    rows, q = [], agent.target.q
+    agent.target.q = lambda image, *rest: rows.append(image.shape[0]) or q(image, *rest)  # count this rank's rows
+    shared = validate(agent, val, weights, lang, cfg, torch.device("cpu"), dist)
+    agent.target.q = q
+    alone = validate(agent, val, weights, lang, cfg, torch.device("cpu"))  # every batch whole, on each rank
+    # training step 0's batch (relabelled, augmented) from the same raw rows on every rank
+    raw = next(iter(make_loader(val, weights, 4, seed=cfg.seed, backend=cfg.data.loader, num_batches=1)))
+    mine = training_batch(raw, lang, cfg, 0, torch.device("cpu"), dist)
+    one = training_batch(raw, lang, cfg, 0, torch.device("cpu"), Distributed())  # a single process's draw
+
+    def summary(batch: dict) -> dict:
+        return {"image": batch["image"].float().mean((1, 2, 3)).tolist(), "lang": batch["instruction_id"].tolist()}
+
+    noise, rows = gather_lists([summary(mine)], dist), gather_lists([rows], dist)
+    if dist.main:
+        result = {"shared": shared, "alone": alone, "noise": noise, "one": summary(one), "rows": rows}
+        out.write_text(json.dumps(result))
+    tdist.destroy_process_group()
+
+
+def train_mode(overrides: list[str]) -> None:
+    import torch.distributed as tdist
+
+    from values.train import train_value
+
+    torch.set_num_threads(1)
+    train_value(compose_cfg(overrides))
+    if tdist.is_initialized():
+        tdist.destroy_process_group()
+
+
 if __name__ == "__main__":
-    main(Path(sys.argv[1]))
+    mode, rest = sys.argv[1], sys.argv[2:]
+    if mode == "step":
+        step_mode(Path(rest[0]))
+    elif mode == "validate":
+        validate_mode(Path(rest[0]), rest[1:])
+    else:
+        train_mode(rest)

@@ -37,6 +37,27 @@ def test_buckets_split_the_matched_pairs_and_their_auc() -> None:
     assert (at0["q_success"], at0["q_failure"]) == (2.0, 2.0)
 
 
+def test_by_task_separates_each_task_and_maps_phrasings_to_tasks() -> None:
+    script = load_script()
+    assert script.tasks_of(["pick up the cube", "stack the red block on the green block", "open the door"]) == [
+        "lift", "stack", None,
+    ]  # fmt: skip
+    # lift: episodes 0 (success, q 1 then 4) and 1 (failure, q 2 then 3) -> t 0 lost, t 1 won: AUC 1/2;
+    # stack: episodes 2 (success, q 5) and 3 (failure, q 0) -> AUC 1
+    q = np.array([1, 4, 2, 3, 5, 0, 9], float)
+    success = np.array([1, 1, 0, 0, 1, 0, 1], bool)
+    timestep = np.array([0, 1, 0, 1, 0, 0, 0])
+    episode = np.array([0, 0, 1, 1, 2, 3, 4])
+    task = np.array(["lift", "lift", "lift", "lift", "stack", "stack", None], dtype=object)
+    out = script.by_task(q, success, timestep, -q, episode, task)
+    assert list(out) == ["lift", "stack"]  # a row of no registered task (episode 4) is in neither
+    assert out["lift"]["auc_success_matched"] == 0.5 and out["stack"]["auc_success_matched"] == 1.0
+    assert out["lift"]["episodes"] == {"success": 1, "failure": 1} and out["stack"]["transitions"] == 2
+    assert out["lift"]["spearman_mc_return"] == -1.0
+    only_successes = script.by_task(q[:2], success[:2], timestep[:2], q[:2], episode[:2], task[:2])
+    assert np.isnan(only_successes["lift"]["auc_success_matched"])
+
+
 def test_steer_preferences_measure_what_the_argmax_moves() -> None:
     spec = importlib.util.spec_from_file_location("steer_preferences", SCRIPT.parent / "steer_preferences.py")
     module = importlib.util.module_from_spec(spec)
