@@ -87,6 +87,9 @@ class FlowHead(nn.Module):
 class FlowModel(nn.Module):
     """Image + instruction -> transformer trunk -> readout -> flow head over (chunk, 7) normalised actions."""
 
+    #: instructions padded to this many tokens; None: to the batch's longest (policies/text.py `fix_text_length`)
+    text_length: int | None = None
+
     def __init__(self, cfg: FlowModelConfig, image_size: int) -> None:
         super().__init__()
         if cfg.width % cfg.heads:
@@ -124,7 +127,7 @@ class FlowModel(nn.Module):
         """uint8 images (B, H, W, 3) + B instructions -> readout features (B, width)."""
         image = self.image_proj(self.vision(images)) + self.image_pos  # (B, T_img, W)
         B, T, device = image.shape[0], image.shape[1], image.device
-        ids, mask = pad_ids(self._text_ids(instructions), self.text.pad_id, side="right")
+        ids, mask = pad_ids(self._text_ids(instructions), self.text.pad_id, side="right", length=self.text_length)
         ids, mask = ids.to(device), mask.to(device)
         text = self.text_embed(ids) + self.text_pos[:, : ids.shape[1]]  # right padding: token j at position j
         x = torch.cat([text.to(image.dtype), image, self.readout.expand(B, -1, -1).to(image.dtype)], dim=1)

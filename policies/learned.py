@@ -34,6 +34,7 @@ from configs.errors import UserError
 from configs.registry import Registry
 from data.normalize import ActionNormalizer
 from policies.base import Observation, Policy, check_actions, fixed_batches
+from policies.text import fix_text_length
 from policies.vision import stack_images
 
 MODELS: Registry[type] = Registry("policy model")
@@ -168,6 +169,11 @@ class LearnedPolicy(Policy):
             fn(shape, generator=self.generator(s), device=self.device) if s is not None
             else torch.zeros(shape, device=self.device) for s in slots
         ])  # fmt: skip
+
+    def fix_batch_rows(self, rows: int | None) -> None:
+        """Policy.fix_batch_rows, and the instructions padded to a fixed length while rows are fixed."""
+        super().fix_batch_rows(rows)
+        fix_text_length(self.model, rows is not None)
 
     def sample_actions(self, obs: Observation, k: int, slot: int = 0) -> np.ndarray:
         """(k, chunk, 7) canonical candidate chunks for one observation."""

@@ -110,17 +110,20 @@ def load_text_tokenizer(identity: dict[str, Any], checkpoint_dir: Path) -> TextT
 
 
 def pad_ids(
-    sequences: Sequence[Sequence[int]], pad_id: int, max_len: int | None = None, side: str = "left"
-) -> tuple[Any, Any]:
+    sequences: Sequence[Sequence[int]], pad_id: int, max_len: int | None = None, side: str = "left",
+    length: int | None = None,
+) -> tuple[Any, Any]:  # fmt: skip
     """N id lists -> ids (N, L) int64 and mask (N, L) bool (False = padding); lists are cut to `max_len`.
 
+    L is the longest list's length, or `length` if that is larger: a fixed L keeps a row's sequence
+    length, hence its floating-point rounding, independent of the other rows' instructions.
     Left padding puts every sequence's end at the same column, so tokens appended after it
     (actions, decode steps) line up across the batch; right padding keeps token j at column j.
     """
     import torch
 
     seqs = [list(s)[:max_len] if max_len else list(s) for s in sequences]
-    length = max((len(s) for s in seqs), default=0)
+    length = max(max((len(s) for s in seqs), default=0), length or 0)
     ids = torch.full((len(seqs), length), pad_id, dtype=torch.long)
     mask = torch.zeros((len(seqs), length), dtype=torch.bool)
     for i, s in enumerate(seqs):
@@ -128,3 +131,15 @@ def pad_ids(
         ids[i, cols] = torch.tensor(s, dtype=torch.long)
         mask[i, cols] = True
     return ids, mask
+
+
+def fix_text_length(model: Any, fixed: bool) -> None:
+    """Pad the instructions of every module of `model` that reads text (those with a `text_length`
+    attribute: the flow policy, the VLA) to their `max_text_tokens` (fixed) or to the batch's longest.
+
+    With fixed batch rows (`Policy.fix_batch_rows`) this fixes the rest of a row's shape: otherwise a
+    longer instruction elsewhere in the batch lengthens every row's sequence and changes its rounding.
+    """
+    for module in model.modules():
+        if hasattr(module, "text_length"):
+            module.text_length = int(module.cfg.max_text_tokens) if fixed else None

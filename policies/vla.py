@@ -78,6 +78,8 @@ class VLAModel(nn.Module):
     """Vision encoder + projector + causal LM over [bos, image, prompt, action tokens]."""
 
     chunk = 1
+    #: instructions padded to this many tokens; None: to the batch's longest (policies/text.py `fix_text_length`)
+    text_length: int | None = None
 
     def __init__(self, cfg: VLAModelConfig, text: TextTokenizer, lm: nn.Module, image_size: int) -> None:
         super().__init__()
@@ -138,7 +140,7 @@ class VLAModel(nn.Module):
         embed = self.lm.get_input_embeddings()
         image = self.projector(self.vision(images))  # (B, T_img, hidden)
         B, device = image.shape[0], image.device
-        ids, mask = pad_ids(self.prompt_ids(instructions), self.text.pad_id)
+        ids, mask = pad_ids(self.prompt_ids(instructions), self.text.pad_id, length=self.text_length)
         ids, mask = ids.to(device), mask.to(device)
         parts, masks = (
             [image, embed(ids).to(image.dtype)],

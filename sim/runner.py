@@ -322,12 +322,14 @@ class Runner:
     def _spawn(self, slot: _Slot) -> None:
         parent, child = self._ctx.Pipe()
         cpu = self._cpus[slot.index % len(self._cpus)] if self._cpus else None
-        slot.process = self._ctx.Process(
+        process = self._ctx.Process(
             target=worker_main, args=(child, self.make_env, cpu), name=f"sim-worker-{slot.index}", daemon=True
         )
-        slot.process.start()
-        child.close()
-        slot.conn = parent
+        try:
+            process.start()  # may raise (no fork/spawn possible): the slot then holds no half-made worker
+        finally:
+            child.close()
+        slot.process, slot.conn = process, parent
 
     def _lost(self, slot: _Slot, how: str) -> str:
         """Describe a lost worker: crashed (with its exit code) or hung (with the timeout)."""

@@ -26,6 +26,7 @@ from policies.base import ACTION_DIM, POLICIES, Observation, Policy, fixed_batch
 from policies.learned import CONFIG_FILE, STATS_FILE, LearnedPolicy, LoadedModel, dataset_stats, resolve_device
 from policies.qsft.lora import lora_enabled, merge_lora
 from policies.qsft.qsft import CRITIC_MODES, QSFTModel
+from policies.text import fix_text_length
 from policies.vision import stack_images
 
 NAME = "qsft"
@@ -98,8 +99,10 @@ class QSFTCritic:
         self.batch_rows: int | None = None
 
     def fix_batch_rows(self, rows: int | None) -> None:
-        """Score exactly `rows` observations per forward from now on, padded (policies/base.py)."""
+        """Score exactly `rows` observations per forward from now on, padded (policies/base.py), with
+        the instructions padded to a fixed length (the HF VLM backbone's prompts excepted)."""
         self.batch_rows = rows
+        fix_text_length(self.model, rows is not None)
 
     @torch.no_grad()
     def score_batch(self, observations: Sequence[Observation], actions: np.ndarray | torch.Tensor) -> torch.Tensor:

@@ -6,11 +6,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from omegaconf import OmegaConf
 
 from configs.errors import UserError
 from policies.base import POLICIES, RandomPolicy, _import_policy_modules, fixed_batches, make_policy
 from policies.learned import dataset_stats
+from policies.text import pad_ids
 from tests.policies.conftest import contract_config, fake_stats, observation, tiny_checkpoint, tiny_model_config
 
 _import_policy_modules()
@@ -84,17 +86,19 @@ def test_an_episode_draws_from_its_seed_whatever_its_slot_and_batch(name: str, t
 @pytest.mark.parametrize("name", NAMES)
 def test_with_fixed_batch_rows_an_episode_is_bit_identical_whatever_its_batch(name: str, tmp_path: Path) -> None:
     """fix_batch_rows(3), as the sim runner sets it: episode seed 11's candidates are the same *bit for
-    bit* alone, second of two next to another episode, and fifth of five (a batch of three and a
-    padded one of two), over two calls; the filler rows draw nothing from any episode's stream."""
+    bit* alone, second of two next to an episode with a longer instruction, and fifth of five (a batch
+    of three and a padded one of two, next to a shorter one), over two calls; the filler rows draw
+    nothing from any episode's stream. The instructions' lengths matter: text padded to the batch's
+    longest would change the row's sequence length, hence its rounding."""
     cfg = contract_config(name, tmp_path)
     o, runs = observation(0), []
-    for position, n in ((0, 1), (1, 2), (4, 5)):
+    for position, n, text in ((0, 1, "go"), (1, 2, "put the red cube on the green cube"), (4, 5, "go")):
         policy = make_policy(cfg)
         policy.fix_batch_rows(3)
-        batch = [observation(20 + n + j, "go") for j in range(n)]
+        batch = [observation(20 + n + j, text) for j in range(n)]
         batch[position] = o
         for j in range(n):
-            policy.reset("reach forward" if j == position else "go", j, seed=11 if j == position else 30 + n + j)
+            policy.reset("reach forward" if j == position else text, j, seed=11 if j == position else 30 + n + j)
         runs.append([policy.sample_actions_batch(batch, 3, list(range(n)))[position] for _ in range(2)])
         policy.close()
     for other in runs[1:]:
@@ -103,6 +107,34 @@ def test_with_fixed_batch_rows_an_episode_is_bit_identical_whatever_its_batch(na
     unpadded = make_policy(cfg)  # the same draws without padding: equal up to rounding
     unpadded.reset("reach forward", 0, seed=11)
     np.testing.assert_allclose(unpadded.sample_actions(o, 3), runs[0][0], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["vla", "flow", "qsft"])
+def test_fixed_batch_rows_fix_the_text_length_too(name: str, tmp_path: Path) -> None:
+    """While rows are fixed, every text-reading module pads instructions to its max_text_tokens, so a
+    row's sequence is as long next to a long instruction as next to a short one; unfixed, to the longest."""
+    policy = make_policy(contract_config(name, tmp_path))
+    readers = [m for m in policy.model.modules() if hasattr(m, "text_length")]
+    assert readers and all(m.text_length is None for m in readers)
+    policy.fix_batch_rows(3)
+    assert all(m.text_length == m.cfg.max_text_tokens for m in readers)
+    vla = next((m for m in readers if hasattr(m, "embed_prefix")), None)
+    if vla is not None:
+        images = torch.zeros(2, vla.image_size, vla.image_size, 3, dtype=torch.uint8)
+        short = vla.embed_prefix(images, ["go", "go"]).embeds.shape[1]
+        assert short == vla.embed_prefix(images, ["go", "put the red cube on the green cube"]).embeds.shape[1]
+    policy.fix_batch_rows(None)
+    assert all(m.text_length is None for m in readers)
+    policy.close()
+
+
+def test_pad_ids_to_a_fixed_length() -> None:
+    ids, mask = pad_ids([[5, 6], [7]], 0, length=4)
+    assert ids.tolist() == [[0, 0, 5, 6], [0, 0, 0, 7]] and mask.sum(1).tolist() == [2, 1]
+    ids, mask = pad_ids([[5, 6], [7]], 0, side="right", length=3)
+    assert ids.tolist() == [[5, 6, 0], [7, 0, 0]] and mask.tolist() == [[True, True, False], [True, False, False]]
+    assert pad_ids([[5, 6, 7]], 0, length=2)[0].tolist() == [[5, 6, 7]]  # never shorter than the longest
+    assert pad_ids([[5, 6], [7]], 0)[0].shape == (2, 2)
 
 
 def test_fixed_batches_cover_every_row_once() -> None:

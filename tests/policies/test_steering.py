@@ -232,10 +232,11 @@ def test_batched_scores_equal_one_by_one_scores() -> None:
 
 
 def scores_in_batches(critic: Any, target: Observation, actions: np.ndarray) -> list[np.ndarray]:
-    """The target's scores alone, second of two and fourth of five (batches of 3, the last one padded)."""
+    """The target's scores alone, second of two (next to a longer instruction) and fourth of five
+    (batches of 3, the last one padded)."""
     out = []
-    for position, n in ((0, 1), (1, 2), (3, 5)):
-        batch = [obs(40 + n + j, "go") for j in range(n)]
+    for position, n, text in ((0, 1, "go"), (1, 2, "put the red cube on the green cube"), (3, 5, "go")):
+        batch = [obs(40 + n + j, text) for j in range(n)]
         batch[position] = target
         rows = np.random.default_rng(n).normal(0, 0.01, (n, len(actions), 7)).astype(np.float32)
         rows[position] = actions

@@ -219,6 +219,24 @@ def test_an_environment_error_fails_the_episode_and_keeps_the_worker() -> None:
     assert all(results[s].error is None for s in (0, 1, 3)) and pid is not None
 
 
+def test_a_worker_that_cannot_start_raises_its_own_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    """If starting a worker process fails (e.g. a spawned child re-running a script without a
+    `__main__` guard), that error reaches the caller, not one from closing a half-made worker."""
+    runner = Runner(make_fake_env, workers=2)
+
+    class Unstartable:
+        def __init__(self, **_: object) -> None:
+            pass
+
+        def start(self) -> None:
+            raise RuntimeError("cannot start a process here")
+
+    monkeypatch.setattr(runner._ctx, "Process", Unstartable)
+    with pytest.raises(RuntimeError, match="cannot start a process here"), runner:
+        list(runner.run(specs(range(2)), EchoPolicy()))
+    assert all(slot.process is None and slot.conn is None for slot in runner.slots)
+
+
 def test_interrupt_stops_every_worker() -> None:
     runner = Runner(make_fake_env, workers=2)
     with pytest.raises(KeyboardInterrupt), runner:
