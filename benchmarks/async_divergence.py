@@ -1,6 +1,7 @@
 """How far apart a lockstep and an async (`runner.lockstep=false`) run of the same episodes drift.
 
     python benchmarks/async_divergence.py --checkpoint runs/train_policy/flow_lift64 --task lift --size 64
+    python benchmarks/async_divergence.py ... --task lift+stack     # episodes of both tasks in one run
     python benchmarks/async_divergence.py ... --free-batch       # runner.fixed_batch=false
 
 Every policy draws an episode's random numbers from that episode's seed (policies/base.py), so the
@@ -57,8 +58,9 @@ def run(args: argparse.Namespace) -> dict:
     from sim.config import SimConfig
     from sim.env import make_sim_env
     from sim.runner import Runner, episode_specs
+    from sim.tasks import task_names
 
-    specs = episode_specs([args.task], args.episodes, args.seed, record=lambda i: True)
+    specs = episode_specs(task_names(args.task), args.episodes, args.seed, record=lambda i: True)
     make_env = functools.partial(make_sim_env, SimConfig(task=args.task, image_size=args.size))
     runs = []
     for lockstep in (True, False, True):
@@ -74,6 +76,7 @@ def run(args: argparse.Namespace) -> dict:
         obs_step = first_differing_observation(first.trajectory, runs[1][seed].trajectory)
         episodes.append({
             "seed": seed,
+            "task": first.task,
             "lockstep_rerun_identical": bool(a.shape == again.shape and np.array_equal(a, again)),
             "async_identical": bool(a.shape == b.shape and np.array_equal(a, b)),
             "first_differing_step": int(np.argmax(diff > 0)) if (diff > 0).any() else None,
@@ -96,7 +99,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", required=True, help="a train_policy.py run or checkpoint directory")
     parser.add_argument("--policy", default="flow", help="policy=<name> of the checkpoint (flow, vla, qsft)")
-    parser.add_argument("--task", default="lift")
+    parser.add_argument("--task", default="lift", help="a task or a selection (lift+stack, suite)")
     parser.add_argument("--size", type=int, default=64, help="camera image side (the policy's training size)")
     parser.add_argument("--episodes", type=int, default=4)
     parser.add_argument("--workers", type=int, default=2)
@@ -109,7 +112,8 @@ def main() -> None:
     os.environ.setdefault("MUJOCO_GL", "egl")
     result = run(args)
     for e in result["episodes"]:
-        print(f"seed {e['seed']}: lockstep rerun identical {e['lockstep_rerun_identical']}, async identical "
+        print(f"{e['task']} seed {e['seed']}: lockstep rerun identical {e['lockstep_rerun_identical']}, "
+              f"async identical "
               f"{e['async_identical']}, first differing step "
               f"{e['first_differing_step']} (observation {e['first_differing_observation']}), "
               f"max |action diff| {e['max_action_diff']}, success lockstep "

@@ -115,12 +115,13 @@ def test_a_stochastic_policy_gives_the_same_episodes_whatever_the_batches() -> N
 def test_a_neural_policy_repeats_bit_for_bit_async_or_lockstep(tmp_path: Path) -> None:
     """A flow policy (float noise through a network, whose rounding depends on the batch size): with the
     runner's fixed batch rows every episode's return (the sum of its actions' x) is the same bit for
-    bit in a lockstep run and in async runs whose batches a slow worker makes timing-dependent."""
+    bit in a lockstep run and in async runs whose batches a slow worker makes timing-dependent; the
+    episodes' instructions differ in length, as the sim tasks' phrasings do."""
     from policies.base import make_policy
     from tests.policies.conftest import contract_config
 
     cfg = contract_config("flow", tmp_path)
-    make_env = functools.partial(make_fake_env, slow_seed=2, slow_s=0.05)
+    make_env = functools.partial(make_fake_env, slow_seed=2, slow_s=0.05, varied_instructions=True)
 
     def run(lockstep: bool) -> dict[int, float]:
         policy = make_policy(cfg)
