@@ -91,9 +91,10 @@ class RunnerConfig:
     # many workers); true: each policy call waits for every worker. Policies draw their noise per
     # episode, from its seed, in both modes; fixed_batch removes the batch size from their rounding.
     lockstep: bool = False
-    # Every policy (and critic) forward runs on `workers` rows, padded: a neural policy's rounding
-    # depends on the batch size, which async batches vary, and the simulation amplifies it into other
-    # episodes (docs/sim.md). Costs the padding rows' compute; false: only the rows that are ready.
+    # Every policy (and critic) forward runs on `workers` rows, padded, with instructions padded to a
+    # fixed length: a neural policy's rounding depends on its batch's shape, which async batches vary,
+    # and the simulation amplifies it into other episodes (docs/sim.md). Costs the padding rows'
+    # compute; false: only the rows that are ready, text padded to the batch's longest.
     fixed_batch: bool = True
     # Pin worker i to CPU i (of the CPUs this process may use, round robin), so that a worker that
     # waits between steps wakes on the core whose caches hold its simulation. Off by default: it is

@@ -21,9 +21,10 @@ runner passes the seed to `policy.reset`, whose random draws in the episode then
 alone (the Policy contract, policies/base.py), whichever episodes share its batches. A neural
 policy's rounding depends on the batch size, and the simulation amplifies it (docs/sim.md), so with
 `fixed_batch=True` (the default) the runner has the policy run every forward on `workers` rows
-(`policy.fix_batch_rows`), so that the batch size no longer changes a row's rounding: in the tests an
-episode is then the same, bit for bit, async or lockstep; on real Lift rollouts 3 of 4 episodes were
-(docs/sim.md). Without it, async runs are samples of the same success rates.
+(`policy.fix_batch_rows`, which also pads instructions to a fixed length), so that the batch no
+longer changes a row's rounding: an episode is then the same, bit for bit, async or lockstep, in the
+tests and on 16 of 16 real Lift and Stack rollouts (docs/sim.md). Without it, async runs are samples
+of the same success rates.
 
 `runner.stats` (RunnerStats) says where the time went: in the environments (the workers' own timing
 of each reset and step), in the policy, or neither (workers waiting).
