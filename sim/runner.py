@@ -23,8 +23,8 @@ policy's rounding depends on the batch size, and the simulation amplifies it (do
 `fixed_batch=True` (the default) the runner has the policy run every forward on `workers` rows
 (`policy.fix_batch_rows`, which also pads instructions to a fixed length), so that the batch no
 longer changes a row's rounding: an episode is then the same, bit for bit, async or lockstep, in the
-tests and on 16 of 16 real Lift and Stack rollouts (docs/sim.md). Without it, async runs are samples
-of the same success rates.
+tests and on 24 of 24 real Lift and Stack rollouts of three policies (docs/sim.md). Without it,
+async runs are samples of the same success rates.
 
 `runner.stats` (RunnerStats) says where the time went: in the environments (the workers' own timing
 of each reset and step), in the policy, or neither (workers waiting).
