@@ -61,7 +61,7 @@ def validate_mode(out: Path, overrides: list[str]) -> None:
     import torch.distributed as tdist
 
     from configs.distributed import Distributed, gather_lists, main_first, setup_distributed
-    from data.loader import build_datasets, make_loader
+    from data.loader import build_datasets
     from data.prepare import prepare_data
     from values.language import EmbeddingCache, make_language_encoder
     from values.train import make_agent, training_batch, validate
@@ -82,7 +82,7 @@ def validate_mode(out: Path, overrides: list[str]) -> None:
     agent.target.q = q
     alone = validate(agent, val, weights, lang, cfg, torch.device("cpu"))  # every batch whole, on each rank
     # training step 0's batch (relabelled, augmented) from the same raw rows on every rank
-    raw = next(iter(make_loader(val, weights, 4, seed=cfg.seed, backend=cfg.data.loader, num_batches=1)))
+    raw = val.__getitems__([0, 1, 2, 3])  # no loader (and no loader threads left running at exit)
     mine = training_batch(raw, lang, cfg, 0, torch.device("cpu"), dist)
     one = training_batch(raw, lang, cfg, 0, torch.device("cpu"), Distributed())  # a single process's draw
 
