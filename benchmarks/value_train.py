@@ -96,12 +96,11 @@ def main() -> None:
     import torch
     from data_throughput import build_dataset
 
-    from configs.distributed import resolve_device, setup_distributed
+    from configs.distributed import Distributed, resolve_device, setup_distributed
     from data.loader import build_datasets, make_loader
     from data.prepare import prepare_data
-    from values.agent import step_generator
     from values.language import EmbeddingCache, make_language_encoder
-    from values.train import compile_encoders, make_agent, relabel_negatives, to_device
+    from values.train import compile_encoders, make_agent, training_batch
 
     data_dir = build_dataset(Path(args.cache) / f"{args.episodes}ep", args.episodes, 1)
     if args.data_only:
@@ -130,16 +129,8 @@ def main() -> None:
         return iter(make_loader(train, weights, args.batch, seed=0, num_workers=args.workers,
                                 backend=args.loader, num_batches=n, pin_memory=cuda))  # fmt: skip
 
-    def prepare(raw: dict, step: int) -> dict:
-        from data.augment import augment_pair
-
-        g = step_generator(7, step, device)
-        batch = to_device(raw, lang, device)
-        batch = relabel_negatives(batch, lang, cfg.value.negative_proportion, cfg.data.reward.step_reward,
-                                  cfg.data.reward.discount, g)  # fmt: skip
-        if cfg.value.augment:
-            batch["image"], batch["next_image"] = augment_pair(batch["image"], batch["next_image"], g)
-        return batch
+    def prepare(raw: dict, step: int) -> dict:  # what train_value does to each batch
+        return training_batch(raw, lang, cfg, step, device, Distributed())
 
     # data alone
     data_rate = None

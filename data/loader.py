@@ -324,7 +324,7 @@ class ThreadedLoader:
         self, dataset: Dataset, batch_sampler: Iterable[list[int]], threads: int, prefetch: int, pin_memory: bool
     ) -> None:
         self.dataset, self.batch_sampler = dataset, batch_sampler
-        self.threads, self.prefetch, self.pin_memory = max(threads, 1), max(prefetch, 1), pin_memory
+        self.threads, self.prefetch, self.pin_memory = max(threads, 0), max(prefetch, 1), pin_memory
 
     def _load(self, indices: list[int]) -> dict[str, Any]:
         batch = self.dataset.__getitems__(indices)
@@ -334,6 +334,9 @@ class ThreadedLoader:
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         batches = iter(self.batch_sampler)
+        if self.threads == 0:  # in the calling thread: no pool left behind by an iterator that is not finished
+            yield from (self._load(b) for b in batches)
+            return
         with ThreadPoolExecutor(self.threads, thread_name_prefix="loader") as pool:
             pending = deque(pool.submit(self._load, b) for _, b in zip(range(self.prefetch), batches, strict=False))
             while pending:

@@ -76,6 +76,23 @@ class _Toy(torch.utils.data.Dataset):
         return {"index": torch.as_tensor(indices), "value": torch.as_tensor(indices, dtype=torch.float32) ** 2}
 
 
+@pytest.mark.parametrize("workers", [0, 2])
+def test_threaded_loader_with_no_workers_builds_batches_in_the_calling_thread(workers: int) -> None:
+    import threading
+
+    seen: list[str] = []
+
+    class Recording(_Toy):
+        def __getitems__(self, indices):
+            seen.append(threading.current_thread().name)
+            return super().__getitems__(indices)
+
+    batches = iter(make_loader(Recording(), [1.0], 6, seed=5, num_workers=workers, num_batches=3))
+    next(batches)  # an unfinished iterator leaves no pool behind with 0 workers
+    on_caller = {name == threading.current_thread().name for name in seen}
+    assert on_caller == ({True} if workers == 0 else {False})
+
+
 @pytest.mark.parametrize(("backend", "workers"), [("threads", 0), ("threads", 2), ("processes", 2)])
 def test_loader_is_deterministic_and_resumes_exactly(backend: str, workers: int) -> None:
     def indices(**kw) -> list[list[int]]:
