@@ -95,6 +95,7 @@ class FlowModel(nn.Module):
         if cfg.width % cfg.heads:
             raise UserError(f"policy.model.width={cfg.width} must be divisible by heads={cfg.heads}.")
         self.cfg, self.chunk, self.image_size = cfg, int(cfg.chunk), int(image_size)
+        self.max_text_tokens = int(cfg.max_text_tokens)
         self.text = ByteTokenizer()
         self.vision = VisionEncoder(cfg.vision, cfg.vision.image_size or image_size)
         W = cfg.width

@@ -134,12 +134,13 @@ def pad_ids(
 
 
 def fix_text_length(model: Any, fixed: bool) -> None:
-    """Pad the instructions of every module of `model` that reads text (those with a `text_length`
-    attribute: the flow policy, the VLA) to their `max_text_tokens` (fixed) or to the batch's longest.
+    """Pad the instructions of every module of `model` that reads text (those with `text_length` and
+    `max_text_tokens` attributes: the flow policy, the VLA, Q-SFT's Hugging Face VLM backbone) to
+    their `max_text_tokens` (fixed) or to the batch's longest.
 
     With fixed batch rows (`Policy.fix_batch_rows`) this fixes the rest of a row's shape: otherwise a
     longer instruction elsewhere in the batch lengthens every row's sequence and changes its rounding.
     """
     for module in model.modules():
         if hasattr(module, "text_length"):
-            module.text_length = int(module.cfg.max_text_tokens) if fixed else None
+            module.text_length = int(module.max_text_tokens) if fixed else None

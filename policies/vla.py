@@ -83,7 +83,7 @@ class VLAModel(nn.Module):
 
     def __init__(self, cfg: VLAModelConfig, text: TextTokenizer, lm: nn.Module, image_size: int) -> None:
         super().__init__()
-        self.cfg, self.text = cfg, text
+        self.cfg, self.text, self.max_text_tokens = cfg, text, int(cfg.max_text_tokens)
         self.vision = VisionEncoder(cfg.vision, cfg.vision.image_size or image_size)
         self.image_size = int(image_size)  # size of the training images; observations are resized to it
         self.lm = lm

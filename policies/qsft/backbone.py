@@ -14,7 +14,9 @@ every softmax of Q-SFT runs over the action vocabulary (|A| = 256) or it plus th
 `extend` is the distribution of the token after ids[:, j].
 
 Both backbones pad prompts on the left and number positions by the cumulative attention mask, so
-every row's action tokens sit at the same columns and padding changes nothing (policies/vla.py).
+every row's action tokens sit at the same columns and padding changes nothing (policies/vla.py) up
+to rounding. While batch rows are fixed (evaluation), both pad every prompt to a fixed length, so
+that the rounding is the same too (policies/text.py `fix_text_length`).
 
 `hf`: any `AutoModelForImageTextToText` with its `AutoProcessor`, loaded by hub id or directory;
 the action tokens are the tokenizer's last 256 base-vocabulary ids, as OpenVLA does with Llama-2.
@@ -159,10 +161,17 @@ class VLABackbone(Backbone):
 class HFVLMBackbone(Backbone):
     """A Hugging Face image-text-to-text model and its processor (module docstring)."""
 
-    def __init__(self, model: nn.Module, processor: Any, prompt: str, image_size: int) -> None:
+    #: prompts left-padded to the empty-instruction prompt + this many tokens; None: to the batch's
+    #: longest, as the processor pads (policies/text.py `fix_text_length`)
+    text_length: int | None = None
+
+    def __init__(
+        self, model: nn.Module, processor: Any, prompt: str, image_size: int, max_text_tokens: int = 64
+    ) -> None:
         super().__init__()
         self.model, self.processor, self.prompt = model, processor, prompt
-        self.image_size = int(image_size)
+        self.image_size, self.max_text_tokens = int(image_size), int(max_text_tokens)
+        self._template_tokens: dict[tuple[int, ...], int] = {}  # by image shape
         tok = processor.tokenizer
         tok.padding_side = "left"  # every row's action tokens at the same columns
         self.tokens = ActionTokenizer(int(tok.vocab_size))
@@ -188,7 +197,7 @@ class HFVLMBackbone(Backbone):
             model = AutoModelForImageTextToText.from_pretrained(cfg.source, dtype=dtype)
         except (OSError, ValueError) as err:
             raise UserError(f"Cannot load the VLM {cfg.source!r} (hub id or directory): {err}") from None
-        return cls(model, processor, cfg.prompt, image_size)
+        return cls(model, processor, cfg.prompt, image_size, cfg.max_text_tokens)
 
     @classmethod
     def rebuild(cls, cfg: HFVLMConfig, image_size: int, path: Path) -> HFVLMBackbone:
@@ -197,7 +206,8 @@ class HFVLMBackbone(Backbone):
 
         config = AutoConfig.from_pretrained(path)
         model = AutoModelForImageTextToText.from_config(config)
-        return cls(model, AutoProcessor.from_pretrained(path), cfg.prompt, image_size)
+        limit = cfg.get("max_text_tokens", HFVLMConfig.max_text_tokens)  # absent from older checkpoints
+        return cls(model, AutoProcessor.from_pretrained(path), cfg.prompt, image_size, limit)
 
     def files(self) -> dict[str, str]:
         """The processor's files and the model config, so that `rebuild` needs nothing else."""
@@ -212,12 +222,9 @@ class HFVLMBackbone(Backbone):
         return {**out, HF_CONFIG_FILE: self.model.config.to_json_string()}
 
     def prefix(self, images: torch.Tensor, instructions: Sequence[str]) -> Prefix:
-        texts = [self.prompt.format(instruction=t.lower()) for t in instructions]
-        pictures = list(images.cpu().numpy())
-        if self._nested:
-            pictures = [[p] for p in pictures]
-        enc = self.processor(text=texts, images=pictures, padding=True, return_tensors="pt")
-        enc.pop("token_type_ids", None)
+        enc = self._encode(images, [self.prompt.format(instruction=t.lower()) for t in instructions])
+        if self.text_length is not None:
+            enc = self._pad_left(enc, self._fixed_length(images[:1]), instructions)
         param = next(self.model.parameters())
         inputs = {
             k: v.to(param.device, param.dtype if v.is_floating_point() else v.dtype)
@@ -226,6 +233,40 @@ class HFVLMBackbone(Backbone):
         }
         mask = inputs.pop("attention_mask").bool()
         return Prefix(inputs, mask)
+
+    def _encode(self, images: torch.Tensor, texts: list[str]) -> dict[str, Any]:
+        """The processor's tensors for N images and prompts, padded to the longest prompt."""
+        pictures = list(images.cpu().numpy())
+        if self._nested:
+            pictures = [[p] for p in pictures]
+        enc = dict(self.processor(text=texts, images=pictures, padding=True, return_tensors="pt"))
+        enc.pop("token_type_ids", None)
+        return enc
+
+    def _fixed_length(self, image: torch.Tensor) -> int:
+        """Tokens of the prompt of an empty instruction (its image tokens included) + text_length."""
+        key = tuple(image.shape[1:])
+        if key not in self._template_tokens:
+            enc = self._encode(image, [self.prompt.format(instruction="")])
+            self._template_tokens[key] = int(enc["attention_mask"].sum())
+        return self._template_tokens[key] + int(self.text_length or 0)
+
+    def _pad_left(self, enc: dict[str, Any], length: int, instructions: Sequence[str]) -> dict[str, Any]:
+        """input_ids and attention_mask left-padded to `length` columns, as the processor pads."""
+        ids, mask = enc["input_ids"], enc["attention_mask"]
+        extra = length - ids.shape[1]
+        if extra < 0:
+            longest = max(instructions, key=len)
+            raise UserError(
+                f"The instruction {longest!r} takes more than policy.model.hf.max_text_tokens="
+                f"{self.max_text_tokens} tokens of the VLM's prompt; raise max_text_tokens."
+            )
+        pad = self.processor.tokenizer.pad_token_id or 0
+        return {
+            **enc,
+            "input_ids": F.pad(ids, (extra, 0), value=pad),
+            "attention_mask": F.pad(mask, (extra, 0), value=0),
+        }
 
     def _joined(self, prefix: Prefix, ids: torch.Tensor) -> dict[str, torch.Tensor]:
         return {**prefix.inputs, "input_ids": torch.cat([prefix.inputs["input_ids"], ids], dim=1)}

@@ -29,6 +29,10 @@ class HFVLMConfig:
     prompt: str = "<image>In: What action should the robot take to {instruction}?\nOut:"
     # Weights dtype when loading: float32 or bfloat16 (bf16 halves the memory of the three copies).
     dtype: str = "float32"
+    # While batch rows are fixed (evaluation, policies/base.py `fix_batch_rows`), every prompt is
+    # left-padded to the prompt of an empty instruction plus this many tokens, so that a companion's
+    # longer instruction does not change a row's length; a longer instruction is an error.
+    max_text_tokens: int = 64
 
 
 @dataclass

@@ -100,7 +100,7 @@ class QSFTCritic:
 
     def fix_batch_rows(self, rows: int | None) -> None:
         """Score exactly `rows` observations per forward from now on, padded (policies/base.py), with
-        the instructions padded to a fixed length (the HF VLM backbone's prompts excepted)."""
+        the instructions padded to a fixed length."""
         self.batch_rows = rows
         fix_text_length(self.model, rows is not None)
 

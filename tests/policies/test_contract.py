@@ -117,7 +117,7 @@ def test_fixed_batch_rows_fix_the_text_length_too(name: str, tmp_path: Path) -> 
     readers = [m for m in policy.model.modules() if hasattr(m, "text_length")]
     assert readers and all(m.text_length is None for m in readers)
     policy.fix_batch_rows(3)
-    assert all(m.text_length == m.cfg.max_text_tokens for m in readers)
+    assert all(m.text_length == m.max_text_tokens for m in readers)
     vla = next((m for m in readers if hasattr(m, "embed_prefix")), None)
     if vla is not None:
         images = torch.zeros(2, vla.image_size, vla.image_size, 3, dtype=torch.uint8)

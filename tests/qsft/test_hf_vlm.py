@@ -7,11 +7,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from configs.errors import UserError
 from policies.learned import save_policy_checkpoint
 from policies.qsft.backbone import HFVLMBackbone
 from policies.qsft.config import HFVLMConfig
 from policies.qsft.policy import load_qsft
 from policies.qsft.qsft import QSFTModel
+from policies.text import fix_text_length
 from tests.policies.conftest import fake_stats
 from tests.qsft.helpers import images, qsft_config, tiny_idefics3
 
@@ -91,3 +93,23 @@ def test_checkpoint_rebuilds_without_the_source(backbone: HFVLMBackbone, tmp_pat
         sb = loaded.score(images(2, 5), TEXTS, a, "ratio")
     assert torch.equal(a, b)
     torch.testing.assert_close(sa, sb)
+
+
+@torch.no_grad()
+def test_fixed_text_length_makes_a_row_independent_of_its_companions(backbone: HFVLMBackbone) -> None:
+    """With the text length fixed (fixed batch rows, evaluation), every prompt is padded to one length:
+    a row's logits are bit for bit the same beside a short or a long instruction, and an instruction
+    longer than max_text_tokens is a clear error."""
+    ims, ids = images(2, 5), backbone.tokens.encode(torch.rand(2, 6) * 2 - 1)
+    short, long = ["go", "go"], ["go", "put the red cube on the green cube, then lift the blue one"]
+    fix_text_length(backbone, True)
+    try:
+        a, b = backbone.prefix(ims, short), backbone.prefix(ims, long)
+        assert a.mask.shape == b.mask.shape and a.mask.shape[1] > backbone.prefix(ims[:1], ["go"]).mask.sum()
+        assert torch.equal(a.mask[0], b.mask[0])
+        assert torch.equal(backbone.action_logits(a, ids)[0], backbone.action_logits(b, ids)[0])
+        with pytest.raises(UserError, match="max_text_tokens"):
+            backbone.prefix(ims[:1], ["lift " * 80])
+    finally:
+        fix_text_length(backbone, False)
+    assert backbone.prefix(ims, short).mask.shape[1] < backbone.prefix(ims, long).mask.shape[1]
