@@ -12,7 +12,10 @@ timestep bucket:
 - `chosen_minus_mean_in_sd`: how far the argmax candidate lies from the mean candidate, in units of
   the candidates' standard deviation (0 = the critic does not care about this component);
 - `corr_q_action`: the correlation between Q and the component across the K candidates, averaged
-  over frames.
+  over frames;
+- `candidate_sd`: the candidates' standard deviation per component (canonical units), averaged over
+  frames: how much choice the policy leaves the critic (a confident policy leaves little);
+- `q_spread`: the mean of max - min of Q over the K candidates.
 
 Writes JSON (default `<critic run>/steer_preferences.json`) and prints it.
 """
@@ -47,6 +50,12 @@ def preferences(first: np.ndarray, q: np.ndarray) -> tuple[np.ndarray, np.ndarra
     return shift, corr
 
 
+def choice(first: np.ndarray, q: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """First actions (N, K, 7) and scores (N, K) -> the candidates' sd per component (N, 7) and the
+    Q spread, max - min over K (N,): how much there is to choose from, and how much the critic cares."""
+    return first.std(1), q.max(1) - q.min(1)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--policy", required=True, help="policy checkpoint or train_policy.py run directory")
@@ -75,7 +84,7 @@ def main() -> None:
     rng = np.random.default_rng(args.seed)
     idx = np.sort(rng.choice(len(val), min(args.frames, len(val)), replace=False))
     frames = val.__getitems__(list(idx))
-    shifts, corrs = [], []
+    shifts, corrs, sds, spreads = [], [], [], []
     for start in range(0, len(idx), args.batch):
         rows = list(range(start, min(start + args.batch, len(idx))))
         obs = [{"image_primary": frames["image"][i].numpy(), "state": np.zeros(7, np.float32),
@@ -86,7 +95,11 @@ def main() -> None:
         shift, corr = preferences(candidates[:, :, 0], q)
         shifts.append(shift)
         corrs.append(corr)
+        sd, spread = choice(candidates[:, :, 0], q)
+        sds.append(sd)
+        spreads.append(spread)
     shift, corr, timestep = np.concatenate(shifts), np.concatenate(corrs), frames["timestep"].numpy()
+    sd, spread = np.concatenate(sds), np.concatenate(spreads)
     result = {"benchmark": "steer_preferences", "policy": args.policy, "critic": args.critic, "k": args.k}
     groups = [("all", np.ones(len(timestep), bool))]
     groups += [(f"t{lo}-{hi}", (timestep >= lo) & (timestep < hi)) for lo, hi in itertools.pairwise(args.buckets)]
@@ -96,6 +109,8 @@ def main() -> None:
                 "frames": int(sel.sum()),
                 "chosen_minus_mean_in_sd": dict(zip(COMPONENTS, np.round(shift[sel].mean(0), 3).tolist(), strict=True)),
                 "corr_q_action": dict(zip(COMPONENTS, np.round(corr[sel].mean(0), 3).tolist(), strict=True)),
+                "candidate_sd": dict(zip(COMPONENTS, np.round(sd[sel].mean(0), 4).tolist(), strict=True)),
+                "q_spread": round(float(spread[sel].mean()), 3),
             }
     out = Path(args.out) if args.out else Path(args.critic) / "steer_preferences.json"
     out.write_text(json.dumps(result, indent=1))

@@ -73,3 +73,6 @@ def test_steer_preferences_measure_what_the_argmax_moves() -> None:
     np.testing.assert_allclose(corr[0, 6], 1.0)
     assert shift[0, 0] == 0 and corr[0, 0] == 0  # a constant component
     np.testing.assert_allclose(corr[0, 1], np.corrcoef([0.0, 1.0, 2.0], [1.0, -1.0, 0.0])[0, 1])
+    sd, spread = module.choice(first, q)
+    np.testing.assert_allclose(sd[0], first[0].std(0))
+    assert sd[0, 0] == 0 and spread.tolist() == [2.0]
