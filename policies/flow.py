@@ -102,7 +102,7 @@ class FlowModel(nn.Module):
         self.image_proj = nn.Linear(self.vision.dim, W)
         self.image_pos = nn.Parameter(0.02 * torch.randn(1, self.vision.num_tokens(), W))
         self.text_embed = nn.Embedding(self.text.vocab_size, W)
-        self.text_pos = nn.Parameter(0.02 * torch.randn(1, cfg.max_text_tokens, W))
+        self.text_pos = nn.Parameter(0.02 * torch.randn(1, self.max_text_tokens, W))
         self.readout = nn.Parameter(0.02 * torch.randn(1, 1, W))
         self.blocks = nn.ModuleList(Block(W, cfg.heads) for _ in range(cfg.layers))
         self.norm = nn.LayerNorm(W)
@@ -143,7 +143,7 @@ class FlowModel(nn.Module):
 
     def _text_ids(self, instructions: Sequence[str]) -> list[list[int]]:
         for text in set(instructions) - set(self._ids):
-            self._ids[text] = self.text.encode([text.lower()])[0][: self.cfg.max_text_tokens]
+            self._ids[text] = self.text.encode([text.lower()])[0][: self.max_text_tokens]
         return [self._ids[t] for t in instructions]
 
     def velocity(self, cond: torch.Tensor, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

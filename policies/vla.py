@@ -132,7 +132,7 @@ class VLAModel(nn.Module):
         """Token ids of each instruction's prompt (cached per instruction), cut to max_text_tokens."""
         for text in set(instructions) - set(self._prompts):
             prompt = self.cfg.prompt.format(instruction=text.lower())
-            self._prompts[text] = self.text.encode([prompt])[0][: self.cfg.max_text_tokens]
+            self._prompts[text] = self.text.encode([prompt])[0][: self.max_text_tokens]
         return [self._prompts[t] for t in instructions]
 
     def embed_prefix(self, images: torch.Tensor, instructions: Sequence[str]) -> Prefix:

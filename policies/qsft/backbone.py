@@ -224,7 +224,7 @@ class HFVLMBackbone(Backbone):
     def prefix(self, images: torch.Tensor, instructions: Sequence[str]) -> Prefix:
         enc = self._encode(images, [self.prompt.format(instruction=t.lower()) for t in instructions])
         if self.text_length is not None:
-            enc = self._pad_left(enc, self._fixed_length(images[:1]), instructions)
+            enc = self._pad_left(enc, self._template_length(images[:1]) + self.text_length, instructions)
         param = next(self.model.parameters())
         inputs = {
             k: v.to(param.device, param.dtype if v.is_floating_point() else v.dtype)
@@ -243,13 +243,13 @@ class HFVLMBackbone(Backbone):
         enc.pop("token_type_ids", None)
         return enc
 
-    def _fixed_length(self, image: torch.Tensor) -> int:
-        """Tokens of the prompt of an empty instruction (its image tokens included) + text_length."""
+    def _template_length(self, image: torch.Tensor) -> int:
+        """Tokens of the prompt of an empty instruction, its image tokens included (once per image shape)."""
         key = tuple(image.shape[1:])
         if key not in self._template_tokens:
             enc = self._encode(image, [self.prompt.format(instruction="")])
             self._template_tokens[key] = int(enc["attention_mask"].sum())
-        return self._template_tokens[key] + int(self.text_length or 0)
+        return self._template_tokens[key]
 
     def _pad_left(self, enc: dict[str, Any], length: int, instructions: Sequence[str]) -> dict[str, Any]:
         """input_ids and attention_mask left-padded to `length` columns, as the processor pads."""
