@@ -17,6 +17,7 @@ Importing this module does not import robosuite; `SimEnv` does, in the worker pr
 
 from __future__ import annotations
 
+import copy
 import logging
 import sys
 from typing import Any, Protocol
@@ -125,6 +126,53 @@ class SimEnv:
         done = (success and self.cfg.terminate_on_success) or self.t >= self.horizon
         return self._observation(), float(reward), done, {"success": success, "step": self.t}
 
+    def snapshot(self) -> dict[str, Any]:
+        """The episode's state now, for `restore`: branching rollouts from one state (benchmarks/steer_oracle.py).
+
+        Besides MuJoCo's integration state it holds what robosuite keeps outside it: the gripper's
+        ramped command, the controllers' goals and gains, the observables' sampling clocks.
+        """
+        import mujoco
+
+        env = self._env
+        model, data = env.sim.model._model, env.sim.data._data
+        physics = np.empty(mujoco.mj_stateSize(model, _STATE))
+        mujoco.mj_getState(model, data, physics, _STATE)
+        return {
+            "physics": physics,
+            "episode": (self.instruction, self.seed, self.t, env.timestep, env.cur_time),
+            "grippers": [{arm: g.current_action.copy() for arm, g in r.gripper.items()} for r in env.robots],
+            "controllers": [{n: _plain_attributes(c) for n, c in r.part_controllers.items()} for r in env.robots],
+            "observables": {n: _plain_attributes(o, _OBSERVABLE_CLOCK) for n, o in env._observables.items()},
+        }
+
+    def restore(self, snapshot: dict[str, Any]) -> Observation:
+        """Continue from a `snapshot` of this task (from this or another SimEnv of it); the observation.
+
+        Every restore of one snapshot continues identically, in any environment of the task. The
+        observation is recomputed from the restored state: it can differ from the one the snapshot's
+        step returned in the 4th decimal, because robosuite's lite physics leaves derived quantities
+        one substep behind the state.
+        """
+        import mujoco
+
+        if self.seed < 0:  # robosuite's first reset also sets what is drawn (sites off): do it once
+            self.reset(int(snapshot["episode"][1]))
+        env = self._env
+        model, data = env.sim.model._model, env.sim.data._data
+        mujoco.mj_setState(model, data, snapshot["physics"], _STATE)
+        mujoco.mj_forward(model, data)
+        self.instruction, self.seed, self.t, env.timestep, env.cur_time = snapshot["episode"]
+        for robot, grippers, controllers in zip(env.robots, snapshot["grippers"], snapshot["controllers"], strict=True):
+            for arm, action in grippers.items():
+                robot.gripper[arm].current_action = action.copy()
+            for name, attributes in controllers.items():
+                _set_attributes(robot.part_controllers[name], attributes)
+        self._raw = env._get_observations(force_update=True)
+        for name, clock in snapshot["observables"].items():  # after the forced sample, which resets them
+            _set_attributes(env._observables[name], clock)
+        return self._observation()
+
     def render(self, camera: str) -> np.ndarray:
         """(S, S, 3) uint8 image of `camera`, top-left origin."""
         size = self.cfg.image_size
@@ -170,6 +218,25 @@ class SimEnv:
             else:
                 out[key] = np.asarray(value, dtype=np.float32)
         return out
+
+
+#: MuJoCo's state for `SimEnv.snapshot` (positions, velocities, controls, warm start, time, ...).
+_STATE = 8191  # mjSTATE_INTEGRATION; the literal keeps `import mujoco` out of this module's import
+#: An observable's sampling clock: when it samples next (robosuite samples inside the substeps).
+_OBSERVABLE_CLOCK = ("_time_since_last_sample", "_current_delay", "_sampled")
+_PLAIN = (np.ndarray, np.generic, float, int, bool, type(None))
+
+
+def _plain_attributes(obj: Any, names: tuple[str, ...] | None = None) -> dict[str, Any]:
+    """Copies of an object's array and number attributes (all, or `names`)."""
+    return {
+        k: copy.deepcopy(v) for k, v in vars(obj).items() if isinstance(v, _PLAIN) and (names is None or k in names)
+    }
+
+
+def _set_attributes(obj: Any, attributes: dict[str, Any]) -> None:
+    for name, value in attributes.items():
+        setattr(obj, name, copy.deepcopy(value))
 
 
 def make_sim_env(cfg: SimConfig, task: str) -> SimEnv:

@@ -123,6 +123,41 @@ def test_images_have_a_top_left_origin(env: Callable[[str], SimEnv], task: str) 
     assert rows[0] > SIZE / 2 > rows[1]  # nearer: the lower half; a bottom-up image would swap them
 
 
+def test_a_snapshot_restores_to_the_same_continuation_in_any_environment_of_the_task(
+    env: Callable[[str], SimEnv],
+) -> None:
+    """Branching rollouts (benchmarks/steer_oracle.py): every restore of a snapshot continues alike,
+    images included, in this environment after other steps and in a second one; the gripper's ramped
+    command is part of the state (without it the fingers differed by 0.3 after a restore)."""
+    rng = np.random.default_rng(0)
+
+    def actions(n: int) -> np.ndarray:
+        a = rng.uniform(-1, 1, (n, 7)) * [0.02, 0.02, 0.02, 0.05, 0.05, 0.05, 0.5] + [0, 0, 0, 0, 0, 0, 0.5]
+        return a.astype(np.float32)
+
+    def run(e: SimEnv, todo: np.ndarray) -> list[dict]:
+        return [e.step(a)[0] for a in todo]
+
+    first, second = env("lift"), SimEnv("lift", SimConfig(task="lift", image_size=SIZE))
+    first.reset(3)
+    run(first, actions(8))  # the gripper closes and opens: its ramp is mid-way
+    snap = first.snapshot()
+    branch = actions(20)
+    start = first.restore(snap)
+    assert start["privileged"]["seed"] == 3 and first.t == 8
+    reference = run(first, branch)
+    run(first, actions(5))
+    for e in (first, second):
+        restart = e.restore(snap)
+        np.testing.assert_array_equal(restart["image_primary"], start["image_primary"])
+        assert (e.t, e.seed, restart["instruction"]) == (8, 3, start["instruction"])
+        for ref, obs in zip(reference, run(e, branch), strict=True):
+            np.testing.assert_array_equal(obs["state"], ref["state"])
+            np.testing.assert_array_equal(obs["image_primary"], ref["image_primary"])
+            np.testing.assert_array_equal(obs["privileged"]["object_pos"], ref["privileged"]["object_pos"])
+    second.close()
+
+
 def test_environments_of_several_tasks_render_in_one_process(env: Callable[[str], SimEnv]) -> None:
     """A worker keeps one environment per task: each renders its own scene, whichever was built last."""
     first = {task: env(task).reset(5)["image_primary"] for task in TASK_NAMES}

@@ -6,6 +6,7 @@ import importlib.util
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "value_separation.py"
 
@@ -76,3 +77,24 @@ def test_steer_preferences_measure_what_the_argmax_moves() -> None:
     sd, spread = module.choice(first, q)
     np.testing.assert_allclose(sd[0], first[0].std(0))
     assert sd[0, 0] == 0 and spread.tolist() == [2.0]
+
+
+def test_steer_oracle_summary_on_hand_computed_branches() -> None:
+    spec = importlib.util.spec_from_file_location("steer_oracle", SCRIPT.parent / "steer_oracle.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    # 2 states, 3 candidates, 2 rollouts each; the critic picks candidate 1 in both
+    outcomes = np.array([[[1, 1], [0, 0], [1, 0]], [[0, 0], [0, 1], [0, 0]]])
+    q = np.array([[0.1, 0.9, 0.5], [0.0, 1.0, 0.0]])
+    out = module.oracle_summary(outcomes, q)
+    assert out["success_mean"] == round((0.5 + 1 / 6) / 2, 4)
+    assert out["critic_pick"] == 0.25 and out["critic_pick_gain"] == round((-0.5 + 1 / 3) / 2, 4)
+    # oracle, state 0: by rollout 0 {0, 2} tie -> rollout 1 gives 0.5; by rollout 1 {0} -> 1; state 1:
+    # by rollout 0 all tie -> 1/3; by rollout 1 {1} -> 0
+    assert out["oracle_pick"] == round((0.75 + 1 / 6) / 2, 4) and out["oracle_pick_gain"] == 0.125
+    # between-candidate mean squares 0.5 and 1/6, within 1/6 and 1/6: sigma_b = 1/12, sigma_w = 1/6
+    assert out["choice_share"] == round(1 / 3, 4)
+    # pairs with different outcomes: 3 in state 0 (all ordered wrongly), 2 in state 1 (both right)
+    assert out["concordance"] == 0.4 and out["concordance_pairs"] == 5
+    with pytest.raises(ValueError, match="do not match"):
+        module.oracle_summary(outcomes, q[:, :2])
