@@ -15,10 +15,10 @@ from pathlib import Path
 
 import torch
 
+from tests.distributed import shut_down
+
 
 def step_mode(out: Path) -> None:
-    import torch.distributed as tdist
-
     from configs.distributed import setup_distributed
     from policies.learned import MODELS
     from policies.training import _train_step, make_optimizer
@@ -47,19 +47,16 @@ def step_mode(out: Path) -> None:
     result = compare_with_reference(ranked.state_dict(), reference.state_dict(), initial)
     if dist.main:
         out.write_text(json.dumps(result))
-    tdist.destroy_process_group()
+    shut_down()
 
 
 def train_mode(overrides: list[str]) -> None:
-    import torch.distributed as tdist
-
     from policies.training import train_policy
     from tests.policies.conftest import tiny_model_config
 
     torch.set_num_threads(1)
     train_policy(tiny_model_config("vla", *overrides))
-    if tdist.is_initialized():
-        tdist.destroy_process_group()
+    shut_down()
 
 
 if __name__ == "__main__":

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 
+from tests.distributed import shut_down
+
 
 def models(variant: str, root: Path, dist: object) -> object:
     """A tiny Q-SFT model: the VLA backbone, the same with LoRA adapters, or a tiny Idefics3 (a Hugging Face VLM)."""
@@ -44,7 +46,6 @@ def step_mode(out: Path) -> None:
     import copy
     import tempfile
 
-    import torch.distributed as tdist
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     from configs.distributed import broadcast, setup_distributed
@@ -90,19 +91,16 @@ def step_mode(out: Path) -> None:
         }  # fmt: skip
     if dist.main:
         out.write_text(json.dumps(results))
-    tdist.destroy_process_group()
+    shut_down()
 
 
 def train_mode(overrides: list[str]) -> None:
-    import torch.distributed as tdist
-
     from policies.qsft.training import train_qsft
     from tests.qsft.helpers import qsft_config
 
     torch.set_num_threads(1)
     train_qsft(qsft_config(*overrides))
-    if tdist.is_initialized():
-        tdist.destroy_process_group()
+    shut_down()
 
 
 if __name__ == "__main__":

@@ -19,10 +19,10 @@ from pathlib import Path
 
 import torch
 
+from tests.distributed import shut_down
+
 
 def step_mode(out: Path) -> None:
-    import torch.distributed as tdist
-
     from configs.distributed import setup_distributed
     from tests.distributed import compare_with_reference
     from tests.values.helpers import LANG_DIM, small_value_config, value_batch
@@ -43,7 +43,7 @@ def step_mode(out: Path) -> None:
     result = compare_with_reference(ranked.state_dict(), reference.state_dict(), initial)
     if dist.main:
         out.write_text(json.dumps(result))
-    tdist.destroy_process_group()
+    shut_down()
 
 
 def compose_cfg(overrides: list[str]):
@@ -58,8 +58,6 @@ def compose_cfg(overrides: list[str]):
 
 
 def validate_mode(out: Path, overrides: list[str]) -> None:
-    import torch.distributed as tdist
-
     from configs.distributed import Distributed, gather_lists, main_first, setup_distributed
     from data.loader import build_datasets
     from data.prepare import prepare_data
@@ -93,18 +91,15 @@ def validate_mode(out: Path, overrides: list[str]) -> None:
     if dist.main:
         result = {"shared": shared, "alone": alone, "noise": noise, "one": summary(one), "rows": rows}
         out.write_text(json.dumps(result))
-    tdist.destroy_process_group()
+    shut_down()
 
 
 def train_mode(overrides: list[str]) -> None:
-    import torch.distributed as tdist
-
     from values.train import train_value
 
     torch.set_num_threads(1)
     train_value(compose_cfg(overrides))
-    if tdist.is_initialized():
-        tdist.destroy_process_group()
+    shut_down()
 
 
 if __name__ == "__main__":
