@@ -25,8 +25,8 @@ Reported (`summary`), over states, with 95% intervals where it applies:
 
 Every state's K scores and outcomes are in `states`, for other statistics. Writes JSON (`--out`,
 default `<critic run>/steer_oracle_<task>.json`) and prints the summary. Costs about
-states * k * rollouts * (remaining steps) environment steps: 30 * 8 * 2 Lift branches at 64 px took
-minutes on 2 CPU cores.
+states * k * rollouts * (remaining steps) environment steps: 14 states * 8 * 2 Lift branches at 64 px
+took 6 minutes with the flow policy on 2 CPU cores (docs/steering.md has the results).
 """
 
 from __future__ import annotations
