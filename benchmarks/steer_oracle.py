@@ -124,6 +124,8 @@ def main() -> None:
     )
     p.add_argument("--out", default=None)
     args = p.parse_args()
+    if args.states < 1 or args.k < 2 or args.rollouts < 1 or args.t_max < 0:
+        p.error("need --states >= 1, --k >= 2 (something to choose from), --rollouts >= 1 and --t-max >= 0")
 
     from hydra import compose, initialize_config_dir
 
@@ -156,7 +158,7 @@ def main() -> None:
             if done:
                 break
         if done:  # succeeded (or timed out) before the branch point: nothing to choose there
-            records.append({"seed": seed, "t": trunk.t, "ended_before_branch": bool(info["success"])})
+            records.append({"seed": seed, "t": trunk.t, "ended_before_branch": True, "success": bool(info["success"])})
             continue
         snap = trunk.snapshot()
         candidates, q = steered.rank_batch([obs], args.k, [0])

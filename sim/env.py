@@ -129,15 +129,16 @@ class SimEnv:
     def snapshot(self) -> dict[str, Any]:
         """The episode's state now, for `restore`: branching rollouts from one state (benchmarks/steer_oracle.py).
 
-        Besides MuJoCo's integration state it holds what robosuite keeps outside it: the gripper's
-        ramped command, the controllers' goals and gains, the observables' sampling clocks.
+        Besides MuJoCo's integration state (positions, velocities, controls, warm start, time) it
+        holds what robosuite keeps outside it: the gripper's ramped command, the controllers' goals
+        and gains, the observables' sampling clocks.
         """
         import mujoco
 
         env = self._env
         model, data = env.sim.model._model, env.sim.data._data
-        physics = np.empty(mujoco.mj_stateSize(model, _STATE))
-        mujoco.mj_getState(model, data, physics, _STATE)
+        physics = np.empty(mujoco.mj_stateSize(model, mujoco.mjtState.mjSTATE_INTEGRATION))
+        mujoco.mj_getState(model, data, physics, mujoco.mjtState.mjSTATE_INTEGRATION)
         return {
             "physics": physics,
             "episode": (self.instruction, self.seed, self.t, env.timestep, env.cur_time),
@@ -160,7 +161,7 @@ class SimEnv:
             self.reset(int(snapshot["episode"][1]))
         env = self._env
         model, data = env.sim.model._model, env.sim.data._data
-        mujoco.mj_setState(model, data, snapshot["physics"], _STATE)
+        mujoco.mj_setState(model, data, snapshot["physics"], mujoco.mjtState.mjSTATE_INTEGRATION)
         mujoco.mj_forward(model, data)
         self.instruction, self.seed, self.t, env.timestep, env.cur_time = snapshot["episode"]
         for robot, grippers, controllers in zip(env.robots, snapshot["grippers"], snapshot["controllers"], strict=True):
@@ -220,8 +221,6 @@ class SimEnv:
         return out
 
 
-#: MuJoCo's state for `SimEnv.snapshot` (positions, velocities, controls, warm start, time, ...).
-_STATE = 8191  # mjSTATE_INTEGRATION; the literal keeps `import mujoco` out of this module's import
 #: An observable's sampling clock: when it samples next (robosuite samples inside the substeps).
 _OBSERVABLE_CLOCK = ("_time_since_last_sample", "_current_delay", "_sampled")
 _PLAIN = (np.ndarray, np.generic, float, int, bool, type(None))

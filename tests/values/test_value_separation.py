@@ -11,8 +11,9 @@ import pytest
 SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "value_separation.py"
 
 
-def load_script():
-    spec = importlib.util.spec_from_file_location("value_separation", SCRIPT)
+def load_script(name: str = "value_separation"):
+    """A benchmarks/ script as a module."""
+    spec = importlib.util.spec_from_file_location(name, SCRIPT.parent / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -60,9 +61,7 @@ def test_by_task_separates_each_task_and_maps_phrasings_to_tasks() -> None:
 
 
 def test_steer_preferences_measure_what_the_argmax_moves() -> None:
-    spec = importlib.util.spec_from_file_location("steer_preferences", SCRIPT.parent / "steer_preferences.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_script("steer_preferences")
     # one frame, 3 candidates: Q increases with the gripper component only; dx is constant
     first = np.zeros((1, 3, 7))
     first[0, :, 6] = [0.0, 0.5, 1.0]
@@ -80,9 +79,7 @@ def test_steer_preferences_measure_what_the_argmax_moves() -> None:
 
 
 def test_steer_oracle_summary_on_hand_computed_branches() -> None:
-    spec = importlib.util.spec_from_file_location("steer_oracle", SCRIPT.parent / "steer_oracle.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_script("steer_oracle")
     # 2 states, 3 candidates, 2 rollouts each; the critic picks candidate 1 in both
     outcomes = np.array([[[1, 1], [0, 0], [1, 0]], [[0, 0], [0, 1], [0, 0]]])
     q = np.array([[0.1, 0.9, 0.5], [0.0, 1.0, 0.0]])
