@@ -62,6 +62,18 @@ def setup_distributed(device: str) -> Distributed:
     return info
 
 
+def end_distributed() -> None:
+    """End the process group, if there is one: a barrier first, so that no rank closes its connections
+    while another is still receiving the last collective (gloo once aborted rank 0 at exit with
+    "terminate called without an active exception"), then destroy it. Every entry point calls this
+    when its job returns (configs/run.py `hydra_main`); a no-op in a single process."""
+    import torch.distributed as tdist
+
+    if tdist.is_available() and tdist.is_initialized():
+        tdist.barrier()
+        tdist.destroy_process_group()
+
+
 def resolve_device(name: str, dist: Distributed) -> torch.device:
     """auto / cuda / cpu; on CUDA this rank's GPU (LOCAL_RANK)."""
     if name == "auto":

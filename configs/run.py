@@ -113,9 +113,13 @@ def hydra_main(config_name: str) -> Callable[[Callable[[Any], Any]], Callable[[]
     def decorate(job: Callable[[Any], Any]) -> Callable[[], Any]:
         @functools.wraps(job)
         def task(cfg: Any) -> Any:
+            from configs.distributed import end_distributed
+
             setup_logging()
             with exit_on_user_error():
-                return job(cfg)
+                result = job(cfg)
+            end_distributed()  # a torchrun job closes its process group once every rank is done
+            return result
 
         register()
         hydra_task = hydra.main(config_path=str(CONFIG_DIR), config_name=config_name, version_base=None)(task)

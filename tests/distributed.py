@@ -37,14 +37,3 @@ def compare_with_reference(mine: dict[str, Any], reference: dict[str, Any], init
         "moved": sum(not torch.equal(reference[k], initial[k]) for k in keys), "tensors": len(keys),
         "rank_checksums": [float(s) for s in sums],
     }  # fmt: skip
-
-
-def shut_down() -> None:
-    """End a worker's process group: a barrier first, so that no rank closes its connections while
-    another is still receiving the last collective (rank 0 once aborted with "terminate called without
-    an active exception" in gloo's threads, on a loaded CI machine), then destroy it."""
-    import torch.distributed as tdist
-
-    if tdist.is_initialized():
-        tdist.barrier()
-        tdist.destroy_process_group()

@@ -91,3 +91,28 @@ def test_tensorboard_writer_keeps_tensorflow_out_and_writes_scalars(tmp_path: Pa
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().splitlines()[-1] == "[0.0, 1.0, 2.0]"
+
+
+def test_an_entry_point_ends_its_process_group_after_its_job(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under torchrun every entry point closes the process group when its job returns (barrier, then
+    destroy): ranks that simply exit can abort each other in gloo's threads. Here a one-rank group."""
+    import torch.distributed as tdist
+
+    from configs.run import hydra_main
+
+    tdist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    seen = []
+
+    @hydra_main("train_value")
+    def job(cfg) -> str:
+        seen.append((tdist.is_initialized(), cfg.steps))
+        return "done"
+
+    monkeypatch.setattr(sys, "argv", ["train_value.py", "+experiment=debug", "steps=3"])
+    try:
+        job()
+        assert seen == [(True, 3)]  # the job ran inside the group, with the command line's config
+        assert not tdist.is_initialized()
+    finally:
+        if tdist.is_initialized():
+            tdist.destroy_process_group()

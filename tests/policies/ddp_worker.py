@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from tests.distributed import shut_down
+from configs.distributed import end_distributed
 
 
 def step_mode(out: Path) -> None:
@@ -47,7 +47,7 @@ def step_mode(out: Path) -> None:
     result = compare_with_reference(ranked.state_dict(), reference.state_dict(), initial)
     if dist.main:
         out.write_text(json.dumps(result))
-    shut_down()
+    end_distributed()
 
 
 def train_mode(overrides: list[str]) -> None:
@@ -56,7 +56,7 @@ def train_mode(overrides: list[str]) -> None:
 
     torch.set_num_threads(1)
     train_policy(tiny_model_config("vla", *overrides))
-    shut_down()
+    end_distributed()
 
 
 if __name__ == "__main__":

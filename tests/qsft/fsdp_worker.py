@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from tests.distributed import shut_down
+from configs.distributed import end_distributed
 
 
 def models(variant: str, root: Path, dist: object) -> object:
@@ -91,7 +91,7 @@ def step_mode(out: Path) -> None:
         }  # fmt: skip
     if dist.main:
         out.write_text(json.dumps(results))
-    shut_down()
+    end_distributed()
 
 
 def train_mode(overrides: list[str]) -> None:
@@ -100,7 +100,7 @@ def train_mode(overrides: list[str]) -> None:
 
     torch.set_num_threads(1)
     train_qsft(qsft_config(*overrides))
-    shut_down()
+    end_distributed()
 
 
 if __name__ == "__main__":

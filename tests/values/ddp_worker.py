@@ -8,7 +8,6 @@ MODE step OUT: two IQL updates (deterministic: no sampled actions) with each ran
 MODE validate OUT OVERRIDES...: train_value's validation split over the ranks against one process
           validating every batch alone (IQL: deterministic), and training step 0's batch
           (relabelled, augmented) made from the same rows on each rank; rank 0 writes them to OUT.
-MODE train OVERRIDES...: train_value with the debug experiment and the overrides.
 """
 
 from __future__ import annotations
@@ -19,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from tests.distributed import shut_down
+from configs.distributed import end_distributed
 
 
 def step_mode(out: Path) -> None:
@@ -43,7 +42,7 @@ def step_mode(out: Path) -> None:
     result = compare_with_reference(ranked.state_dict(), reference.state_dict(), initial)
     if dist.main:
         out.write_text(json.dumps(result))
-    shut_down()
+    end_distributed()
 
 
 def compose_cfg(overrides: list[str]):
@@ -91,22 +90,12 @@ def validate_mode(out: Path, overrides: list[str]) -> None:
     if dist.main:
         result = {"shared": shared, "alone": alone, "noise": noise, "one": summary(one), "rows": rows}
         out.write_text(json.dumps(result))
-    shut_down()
-
-
-def train_mode(overrides: list[str]) -> None:
-    from values.train import train_value
-
-    torch.set_num_threads(1)
-    train_value(compose_cfg(overrides))
-    shut_down()
+    end_distributed()
 
 
 if __name__ == "__main__":
     mode, rest = sys.argv[1], sys.argv[2:]
     if mode == "step":
         step_mode(Path(rest[0]))
-    elif mode == "validate":
-        validate_mode(Path(rest[0]), rest[1:])
     else:
-        train_mode(rest)
+        validate_mode(Path(rest[0]), rest[1:])

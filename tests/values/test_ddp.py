@@ -48,7 +48,8 @@ def test_data_parallel_run_writes_once_and_validates(sim_data_dir: Path, tmp_pat
     from configs.checkpoint import list_checkpoints
     from values.critic import load_critic
 
-    torchrun(WORKER, "train", f"data.data_dir={sim_data_dir}", f"run_root={tmp_path}", "name=ddp",
+    # the real entry point, as users launch it (`torchrun --nproc_per_node=2 train_value.py ...`)
+    torchrun("train_value", "+experiment=debug", f"data.data_dir={sim_data_dir}", f"run_root={tmp_path}", "name=ddp",
              "steps=2", "val_batches=2")  # fmt: skip
     run = tmp_path / "train_value" / "ddp"
     assert [c.name for c in list_checkpoints(run)] == ["step_000000002"]
