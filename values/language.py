@@ -7,7 +7,9 @@ V-GPS conditions its critic on a 512-d MUSE embedding (a TensorFlow-Hub model). 
   that share words get similar embeddings. No download; the embedded default and the tests use it.
 - `hf`: a transformers sentence encoder from a hub id or a local directory, mean-pooled over tokens
   and L2-normalised (the sentence-transformers recipe). Documented default:
-  `sentence-transformers/all-MiniLM-L6-v2` (384-d).
+  `sentence-transformers/all-MiniLM-L6-v2` (384-d). Every text is padded to one length (128 tokens,
+  or the model's limit), so that its embedding does not depend on its batch; longer texts are an
+  error rather than silently truncated.
 
 Embeddings are computed once per distinct instruction (`EmbeddingCache`), never per step. Every
 checkpoint records the encoder's `identity()`, and loading a critic with another encoder is an error.
@@ -27,6 +29,9 @@ from configs.errors import UserError
 from configs.registry import Registry
 
 LANGUAGE_ENCODERS: Registry[type] = Registry("language encoder")
+
+# Texts for the `hf` encoder are padded to this many tokens (or the model's limit, if lower).
+MAX_TOKENS = 128
 
 
 class LanguageEncoder:
@@ -87,15 +92,26 @@ class HFSentenceEncoder(LanguageEncoder):
             ) from None
         self.name, self.device, self.batch_size = model, device, batch_size
         self.dim = int(self.model.config.hidden_size)
+        limits = [MAX_TOKENS, self.tokenizer.model_max_length, getattr(self.model.config, "max_position_embeddings", 0)]
+        self.length = min(n for n in limits if n and n > 0)  # the padded length of every text
 
     @torch.no_grad()
     def embed(self, texts: Sequence[str]) -> np.ndarray:
+        """(N, dim) L2-normalised mean-pooled embeddings. Every text is padded to the same `length`, so
+        that its embedding does not depend on the other texts of its batch (the training table and
+        steering's one-at-a-time lookups agree); a text longer than that is an error, not truncated."""
         out = []
         for start in range(0, len(texts), self.batch_size):
-            tokens = self.tokenizer(
-                list(texts[start : start + self.batch_size]), padding=True, truncation=True, return_tensors="pt"
-            ).to(self.device)
-            hidden = self.model(**tokens).last_hidden_state  # (n, L, dim)
+            batch = list(texts[start : start + self.batch_size])
+            for text, ids in zip(batch, self.tokenizer(batch)["input_ids"], strict=True):
+                if len(ids) > self.length:
+                    raise UserError(
+                        f"The instruction {text!r} has {len(ids)} tokens, more than the {self.length} that the "
+                        f"sentence encoder {self.name!r} embeds; shorten it or use an encoder with longer inputs."
+                    )
+            tokens = self.tokenizer(batch, padding="max_length", max_length=self.length, return_tensors="pt")
+            tokens = tokens.to(self.device)
+            hidden = self.model(**tokens).last_hidden_state  # (n, length, dim)
             mask = tokens["attention_mask"].unsqueeze(-1).to(hidden.dtype)
             pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
             out.append(torch.nn.functional.normalize(pooled, dim=-1).float().cpu().numpy())
