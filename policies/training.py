@@ -16,7 +16,7 @@ import logging
 import math
 import random
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -161,40 +161,62 @@ def _resume(run_dir: Path, model: nn.Module, optimizer: Any, scheduler: Any, dev
 def _loop(cfg: TrainPolicyConfig, model: nn.Module, optimizer: Any, scheduler: Any, train: tuple,
           val: tuple | None, start: int, run: dict[str, Any]) -> None:  # fmt: skip
     device, dist = run["device"], run["dist"]
+    autocast = cfg.bf16 and device.type == "cuda"
+
+    def save(done: int) -> None:
+        if dist.main:  # every rank holds the same weights
+            _save(cfg, model, optimizer, scheduler, run, done)
+
+    training_loop(
+        cfg, model, train, start, run, f"train {cfg.policy.name}",
+        step=lambda raw, i: _train_step(cfg, model, optimizer, scheduler, to_device(raw, device), i, autocast, dist),
+        validate=None if val is None else lambda: validate(model, val, cfg, device, autocast, dist),
+        save=save, lr=lambda: scheduler.get_last_lr()[0],
+    )  # fmt: skip
+
+
+def training_loop(cfg: Any, model: nn.Module, train: tuple, start: int, run: dict[str, Any], desc: str,
+                  step: Callable[[dict[str, Any], int], dict[str, torch.Tensor]],
+                  validate: Callable[[], dict[str, float]] | None, save: Callable[[int], Any],
+                  lr: Callable[[], float]) -> None:  # fmt: skip
+    """The loop train_policy and train_qsft share: this rank's shard of each batch from `start` to
+    `cfg.steps` through `step(raw batch, step index) -> metrics` (tensors, summed on the device: no
+    sync per step); every `log_every` steps the mean over the steps and ranks (a non-finite loss stops
+    the run), TensorBoard, metrics.jsonl and the progress bar on rank 0; `validate()` every
+    `val_every` steps; `save(done)` (on every rank: it may gather) every `ckpt_every` steps and at the
+    end, after checking the losses since the last log."""
+    device, dist = run["device"], run["dist"]
     loader = make_loader(
         train[0], train[1], cfg.batch_size // dist.world, seed=cfg.seed, num_workers=cfg.data.num_workers,
         backend=cfg.data.loader, rank=dist.rank, world_size=dist.world, start_batch=start,
         num_batches=max(cfg.steps - start, 0), pin_memory=device.type == "cuda",
     )  # fmt: skip
     writer = tensorboard_writer(run["dir"]) if dist.main else None
-    bar = tqdm(total=cfg.steps, initial=start, desc=f"train {cfg.policy.name}", dynamic_ncols=True,
-               disable=not dist.main)  # fmt: skip
-    autocast = cfg.bf16 and device.type == "cuda"
+    bar = tqdm(total=cfg.steps, initial=start, desc=desc, dynamic_ncols=True, disable=not dist.main)
     sums: dict[str, torch.Tensor] = {}
     count, tick = 0, time.perf_counter()
     model.train()
-    for step, raw in enumerate(loader, start=start):
-        metrics = _train_step(cfg, model, optimizer, scheduler, to_device(raw, device), step, autocast, dist)
+    for index, raw in enumerate(loader, start=start):
+        metrics = step(raw, index)
         sums = {k: sums.get(k, 0.0) + v for k, v in metrics.items()}  # tensors: no device sync per step
-        count, done = count + 1, step + 1
+        count, done = count + 1, index + 1
         bar.update()
         if done % cfg.log_every == 0 or done == cfg.steps:
             logged = {f"train/{k}": v / count for k, v in mean_over_ranks(sums, dist).items()}
             if not math.isfinite(logged["train/loss"]):
                 raise FloatingPointError(f"non-finite training loss in the {count} steps up to step {done}")
-            logged["train/lr"] = scheduler.get_last_lr()[0]
+            logged["train/lr"] = lr()
             logged["train/samples_per_s"] = count * cfg.batch_size / (time.perf_counter() - tick)
             if dist.main:
                 _log(writer, bar, run["dir"], logged, done)
             sums, count, tick = {}, 0, time.perf_counter()
-        if val is not None and (done % cfg.val_every == 0 or done == cfg.steps):
-            metrics = validate(model, val, cfg, device, autocast, dist)
+        if validate is not None and (done % cfg.val_every == 0 or done == cfg.steps):
+            metrics = validate()
             if dist.main:
                 _log(writer, bar, run["dir"], metrics, done)
         if done % cfg.ckpt_every == 0 or done == cfg.steps:
             check_losses_since_log(sums, count, done, dist)
-            if dist.main:  # every rank holds the same weights
-                _save(cfg, model, optimizer, scheduler, run, done)
+            save(done)
     bar.close()
     if writer is not None:
         writer.close()

@@ -12,8 +12,6 @@ killed run resumes exactly; plus the config, statistics and backbone files `poli
 from __future__ import annotations
 
 import logging
-import math
-import time
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -21,12 +19,11 @@ from typing import Any
 import torch
 from omegaconf import OmegaConf
 from torch import nn
-from tqdm import tqdm
 
 from configs.checkpoint import latest_checkpoint, load_checkpoint, prune_checkpoints
 from configs.distributed import Distributed, main_first, mean_over_ranks, run_directory, start_training
 from configs.errors import UserError
-from configs.run import log_file, save_config, tensorboard_writer
+from configs.run import log_file, save_config
 from data.loader import build_datasets, make_loader
 from data.prepare import prepare_data
 from policies.config import VLAModelConfig
@@ -38,12 +35,11 @@ from policies.qsft.qsft import BACKUPS, QSFTModel, unit_rewards
 from policies.training import (
     METRICS_FILE,
     _get_rng,
-    _log,
     _set_rng,
     _truncate_metrics,
-    check_losses_since_log,
     lr_factor,
     step_generator,
+    training_loop,
 )
 
 log = logging.getLogger(__name__)
@@ -202,41 +198,15 @@ def to_device(raw: dict[str, Any], cfg: TrainQSFTConfig, device: torch.device) -
 def _loop(cfg: TrainQSFTConfig, model: QSFTModel, optimizer: Any, scheduler: Any, train: tuple, val: tuple | None,
           start: int, run: dict[str, Any]) -> None:  # fmt: skip
     device, dist = run["device"], run["dist"]
-    loader = make_loader(
-        train[0], train[1], cfg.batch_size // dist.world, seed=cfg.seed, num_workers=cfg.data.num_workers,
-        backend=cfg.data.loader, rank=dist.rank, world_size=dist.world, start_batch=start,
-        num_batches=max(cfg.steps - start, 0), pin_memory=device.type == "cuda",
-    )  # fmt: skip
-    writer = tensorboard_writer(run["dir"]) if dist.main else None
-    bar = tqdm(total=cfg.steps, initial=start, desc="train qsft", dynamic_ncols=True, disable=not dist.main)
     autocast = cfg.bf16 and device.type == "cuda"
-    sums: dict[str, torch.Tensor] = {}
-    count, tick = 0, time.perf_counter()
-    model.train()
-    for step, raw in enumerate(loader, start=start):
-        metrics = _train_step(cfg, model, optimizer, scheduler, to_device(raw, cfg, device), step, autocast, dist.rank)
-        sums = {k: sums.get(k, 0.0) + v for k, v in metrics.items()}  # tensors: no device sync per step
-        count, done = count + 1, step + 1
-        bar.update()
-        if done % cfg.log_every == 0 or done == cfg.steps:
-            logged = {f"train/{k}": v / count for k, v in mean_over_ranks(sums, dist).items()}
-            if not math.isfinite(logged["train/loss"]):
-                raise FloatingPointError(f"non-finite training loss in the {count} steps up to step {done}")
-            logged["train/lr"] = scheduler.get_last_lr()[0]
-            logged["train/samples_per_s"] = count * cfg.batch_size / (time.perf_counter() - tick)
-            if dist.main:
-                _log(writer, bar, run["dir"], logged, done)
-            sums, count, tick = {}, 0, time.perf_counter()
-        if val is not None and (done % cfg.val_every == 0 or done == cfg.steps):
-            metrics = validate(model, val, cfg, device, autocast, dist)
-            if dist.main:
-                _log(writer, bar, run["dir"], metrics, done)
-        if done % cfg.ckpt_every == 0 or done == cfg.steps:
-            check_losses_since_log(sums, count, done, dist)
-            _save(cfg, model, optimizer, scheduler, run, done)
-    bar.close()
-    if writer is not None:
-        writer.close()
+    training_loop(
+        cfg, model, train, start, run, "train qsft",
+        step=lambda raw, i: _train_step(cfg, model, optimizer, scheduler, to_device(raw, cfg, device), i, autocast,
+                                        dist.rank),
+        validate=None if val is None else lambda: validate(model, val, cfg, device, autocast, dist),
+        save=lambda done: _save(cfg, model, optimizer, scheduler, run, done),  # every rank: it gathers
+        lr=lambda: scheduler.get_last_lr()[0],
+    )  # fmt: skip
 
 
 def _train_step(cfg: TrainQSFTConfig, model: QSFTModel, optimizer: Any, scheduler: Any, batch: dict[str, Any],
