@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from configs import CONFIG_DIR
-from configs.errors import exit_on_user_error
+from configs.errors import UserError, exit_on_user_error
 from configs.registry import Registry
 
 LOG_FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
@@ -128,6 +128,7 @@ def hydra_main(config_name: str) -> Callable[[Callable[[Any], Any]], Callable[[]
         def entry() -> Any:
             with exit_on_user_error():
                 check_group_choices(sys.argv[1:])
+                check_overrides(config_name, sys.argv[1:])
             return hydra_task()
 
         return entry
@@ -150,6 +151,76 @@ def check_group_choices(overrides: list[str]) -> None:
         for yaml in group_dir.glob("*.yaml"):
             options.register(yaml.stem)(yaml.stem)
         options.get(value)
+
+
+def check_overrides(config_name: str, args: list[str]) -> None:
+    """Compose the job's config with the command line's overrides once, before Hydra runs the job, and
+    turn what Hydra would report as a composition error into a `UserError` that names the option and
+    the fix: an unknown option (with the nearest known ones), a value of the wrong type, an experiment
+    written for another entry point. `+name=value` may add a group (`+experiment=debug`), never an
+    option the schema lacks (Hydra would store it and nothing would read it)."""
+    overrides = [a for a in args if "=" in a and not a.startswith("-") and not a.lstrip("+~").startswith("hydra")]
+    if not overrides:
+        return
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    script = f"{config_name}.py"
+    try:
+        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
+            cfg = compose(config_name, overrides=overrides)
+    except (HydraException, OmegaConfBaseException) as err:
+        raise UserError(_override_message(script, err)) from None
+    for arg in overrides:
+        key = arg.partition("=")[0]
+        if key.startswith("+") and not (CONFIG_DIR / key.lstrip("+")).is_dir():
+            parent, _, leaf = key.lstrip("+").rpartition(".")
+            node = OmegaConf.select(cfg, parent) if parent else cfg
+            known = _fields(OmegaConf.get_type(node)) if OmegaConf.is_config(node) else None
+            if known is not None and leaf not in known:
+                raise UserError(f"{key.lstrip('+')} is not an option of {script}{_nearest(key.lstrip('+'), known)}. "
+                                f"`python {script} --cfg job` prints every option.")  # fmt: skip
+
+
+def _fields(kind: Any) -> list[str] | None:
+    """The option names of a dataclass schema (None: not a schema, e.g. an open dict node)."""
+    import dataclasses
+
+    return [f.name for f in dataclasses.fields(kind)] if kind and dataclasses.is_dataclass(kind) else None
+
+
+def _nearest(key: str, known: list[str]) -> str:
+    """' (did you mean <parent>.<close name>?)' for the option names nearest to the last part of `key`."""
+    import difflib
+
+    parent, _, name = key.rpartition(".")
+    close = [f"{parent}.{c}" if parent else c for c in difflib.get_close_matches(name, known, n=3)]
+    return f" (did you mean {' or '.join(close)}?)" if close else ""
+
+
+def _override_message(script: str, err: Exception) -> str:
+    """What Hydra's composition error means for the user of `script`, from the OmegaConf error under it."""
+    import re
+
+    from omegaconf.errors import ConfigAttributeError, ConfigKeyError, ValidationError
+
+    cause, text = err.__cause__, str(err)
+    unknown = re.search(r"Key '([^']+)' not in '([^']+)'", f"{cause}" if cause else text)
+    if isinstance(cause, (ConfigKeyError, ConfigAttributeError)) or unknown:
+        key = str(getattr(cause, "full_key", "") or (unknown.group(1) if unknown else ""))
+        known = _fields(getattr(cause, "object_type", None)) or []
+        message = f"{key} is not an option of {script}{_nearest(key, known)}."
+        if text.startswith("In 'experiment/"):
+            experiment = text.split("'")[1]
+            return (f"+{experiment.replace('/', '=')} does not fit {script}: it sets {key}, which is not an "
+                    f"option here (configs/{experiment}.yaml is written for another entry point).")  # fmt: skip
+        return f"{message} `python {script} --cfg job` prints every option."
+    if isinstance(cause, ValidationError):
+        first = str(cause).splitlines()[0]
+        return f"{cause.full_key}: {first}. `python {script} --cfg job` prints every option with its type."
+    return text.split("\nConfig search path:")[0].strip()
 
 
 def tensorboard_writer(run_dir: Path) -> Any:

@@ -74,6 +74,26 @@ def test_unknown_config_option_suggests(tmp_path: Path) -> None:
     assert "Did you mean 'bridge'?" in proc.stderr and "Traceback" not in proc.stderr
 
 
+@pytest.mark.parametrize(
+    ("script", "args", "message"),
+    [
+        ("train_value", ["stepz=2"], "stepz is not an option of train_value.py (did you mean steps?)"),
+        ("train_value", ["+stepz=2"], "stepz is not an option of train_value.py (did you mean steps?)"),
+        ("train_value", ["value.encoder.archh=x"], "(did you mean value.encoder.arch?)"),
+        ("train_value", ["steps=abc"], "steps: Value 'abc' of type 'str' could not be converted to Integer"),
+        ("train_policy", ["+experiment=debug"], "+experiment=debug does not fit train_policy.py: it sets value"),
+    ],
+)
+def test_wrong_options_are_user_errors_with_the_fix(script: str, args: list[str], message: str, tmp_path: Path) -> None:
+    """What Hydra reports as a composition error (exit 1, its own wording, or silently stores an
+    appended unknown option) is an error that names the option, the nearest known one, and how to list them."""
+    proc = subprocess.run([sys.executable, str(REPO / f"{script}.py"), *args, f"run_root={tmp_path}"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert proc.returncode == 2, proc.stderr
+    assert message in proc.stderr and "Traceback" not in proc.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_tensorboard_writer_keeps_tensorflow_out_and_writes_scalars(tmp_path: Path) -> None:
     """TensorFlow in a process makes MuJoCo rendering segfault later: the trainers' writer must not import it."""
     code = (
