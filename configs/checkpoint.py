@@ -12,10 +12,12 @@ saving never leaves a half checkpoint that resume would pick up.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -86,6 +88,22 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tup
     if (path / STATE_FILE).is_file():
         state.update(torch.load(path / STATE_FILE, map_location=device, weights_only=False))
     return state, json.loads((path / META_FILE).read_text())
+
+
+@contextlib.contextmanager
+def resuming(ckpt: Path) -> Iterator[None]:
+    """Around loading a run's checkpoint into the model this command built: a checkpoint that does not
+    fit (the same name= rerun with another algorithm, architecture or size) is a user error that says
+    so, not a state-dict traceback."""
+    try:
+        yield
+    except (RuntimeError, ValueError, KeyError) as err:
+        lines = str(err).strip().splitlines()
+        detail = lines[0][:200] if lines else type(err).__name__
+        raise UserError(
+            f"{ckpt} does not fit the model this command builds ({detail}). Its run was started with other "
+            f"options (see {Path(ckpt).parent.parent / 'config.yaml'}): rerun with those, or choose another name=."
+        ) from None
 
 
 def prune_checkpoints(run_dir: str | Path, keep: int) -> None:

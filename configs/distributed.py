@@ -88,6 +88,8 @@ def resolve_device(name: str, dist: Distributed) -> torch.device:
 def start_training(device: str, batch_size: int) -> tuple[Distributed, torch.device]:
     """What every trainer starts with: the process group (or one process), this rank's device, and a
     check that `batch_size` splits evenly over the ranks."""
+    if batch_size < 1:
+        raise UserError(f"batch_size={batch_size}: a training batch needs at least one row per rank.")
     dist = setup_distributed(device)
     if batch_size % dist.world:
         raise UserError(f"batch_size={batch_size} must be divisible by the {dist.world} ranks.")
@@ -97,9 +99,12 @@ def start_training(device: str, batch_size: int) -> tuple[Distributed, torch.dev
 def run_directory(dist: Distributed, resume: str | None, root: str, job: str, name: str | None) -> Path:
     """The run directory: `resume`, else `<root>/<job>/<name or timestamp>` made by rank 0 and shared
     (a timestamped name could differ between the ranks)."""
+    from configs.checkpoint import latest_checkpoint
     from configs.run import new_run_dir
 
     if resume:
+        if latest_checkpoint(resume) is None:
+            raise UserError(f"resume={resume}: no checkpoint there to resume from (expected <dir>/checkpoints/step_*).")
         return Path(resume)
     return broadcast(new_run_dir(root, job, name) if dist.main else None, dist)
 

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from configs.checkpoint import latest_checkpoint, load_checkpoint, prune_checkpoints
+from configs.checkpoint import latest_checkpoint, load_checkpoint, prune_checkpoints, resuming
 from configs.distributed import (
     Distributed,
     average_gradients,
@@ -119,8 +119,6 @@ def train_policy(cfg: TrainPolicyConfig) -> Path:
         model.vision.channels_last = True
         model.vision.net.to(memory_format=torch.channels_last)
     optimizer, scheduler = make_optimizer(model, cfg)
-    if cfg.resume and latest_checkpoint(cfg.resume) is None:
-        raise UserError(f"resume={cfg.resume}: no checkpoint there to resume from (expected <dir>/checkpoints/step_*).")
     run_dir = run_directory(dist, cfg.resume, cfg.run_root, "train_policy", cfg.name)
     start = _resume(run_dir, model, optimizer, scheduler, device, dist.main)
     if dist.main:
@@ -147,8 +145,9 @@ def _resume(run_dir: Path, model: nn.Module, optimizer: Any, scheduler: Any, dev
     if ckpt is None:
         return 0
     state, meta = load_checkpoint(ckpt, device)
-    model.load_state_dict({k: v for k, v in state.items() if isinstance(v, torch.Tensor)})
-    optimizer.load_state_dict(state["optimizer"])
+    with resuming(ckpt):
+        model.load_state_dict({k: v for k, v in state.items() if isinstance(v, torch.Tensor)})
+        optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     _set_rng(state["rng"])
     step = int(meta["step"])

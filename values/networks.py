@@ -19,6 +19,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from configs.errors import UserError
 from values.config import EncoderConfig
 
 ACTION_DIM = 7
@@ -108,6 +109,9 @@ class FiLMResNet(nn.Module):
         kwargs = {"act_layer": nn.SiLU if cfg.act == "silu" else nn.ReLU}
         if cfg.norm_groups:
             kwargs["norm_layer"] = _group_norm(cfg.norm_groups)
+        if not timm.is_model(cfg.arch):
+            raise UserError(f"value.encoder.arch={cfg.arch!r} is not a timm architecture; V-GPS uses resnet34 (also "
+                            "resnet18, resnet10t; timm.list_models('resnet*') lists them).")  # fmt: skip
         self.net = timm.create_model(
             cfg.arch, pretrained=False, num_classes=0, global_pool="", in_chans=3 + 2 * cfg.coord_channels, **kwargs
         )

@@ -19,7 +19,7 @@ import torch
 from omegaconf import OmegaConf
 from tqdm import tqdm
 
-from configs.checkpoint import latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint
+from configs.checkpoint import latest_checkpoint, load_checkpoint, prune_checkpoints, resuming, save_checkpoint
 from configs.distributed import Distributed, gather_lists, main_first, mean_over_ranks, run_directory, start_training
 from configs.errors import UserError
 from configs.registry import Registry
@@ -154,7 +154,6 @@ def train_value(cfg: TrainValueConfig) -> Path:
         prepared = prepare_data(cfg.data)
     train_data, weights = build_datasets(prepared, cfg.data, "train")
     val_data, val_weights = build_datasets(prepared, cfg.data, "val")
-    run_dir = run_directory(dist, cfg.resume, cfg.run_root, "train_value", cfg.name)
     language = make_language_encoder(cfg.value.language, device="cpu")
     cache = EmbeddingCache(language, device)
     train_lang, val_lang = cache.table(train_data.instructions), cache.table(val_data.instructions)
@@ -166,6 +165,7 @@ def train_value(cfg: TrainValueConfig) -> Path:
         agent.to(memory_format=torch.channels_last)
     if cfg.compile:
         compile_encoders(agent)
+    run_dir = run_directory(dist, cfg.resume, cfg.run_root, "train_value", cfg.name)
     start = _resume(agent, run_dir, device)
     state = {"prepared": prepared, "train": train_data, "language": language, "run_dir": run_dir}
     save_config(cfg, run_dir) if dist.main else None
@@ -183,7 +183,8 @@ def _resume(agent: Agent, run_dir: Path, device: torch.device) -> int:
     if ckpt is None:
         return 0
     state, meta = load_checkpoint(ckpt, device)
-    agent.load_state_dict(state)
+    with resuming(ckpt):
+        agent.load_state_dict(state)
     log.info("resumed from %s (step %d)", ckpt, meta["step"])
     return int(meta["step"])
 

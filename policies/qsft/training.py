@@ -20,7 +20,7 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
-from configs.checkpoint import latest_checkpoint, load_checkpoint, prune_checkpoints
+from configs.checkpoint import latest_checkpoint, load_checkpoint, prune_checkpoints, resuming
 from configs.distributed import Distributed, main_first, mean_over_ranks, run_directory, start_training
 from configs.errors import UserError
 from configs.run import log_file, save_config
@@ -114,8 +114,6 @@ def train_qsft(cfg: TrainQSFTConfig) -> Path:
     train = build_datasets(prepared, cfg.data, "train")
     val = build_datasets(prepared, cfg.data, "val") if cfg.val_every > 0 else None
     optimizer, scheduler = make_optimizer(model, cfg)
-    if cfg.resume and latest_checkpoint(cfg.resume) is None:
-        raise UserError(f"resume={cfg.resume}: no checkpoint there to resume from (expected <dir>/checkpoints/step_*).")
     run_dir = run_directory(dist, cfg.resume, cfg.run_root, "train_qsft", cfg.name)
     start = _resume(run_dir, model, optimizer, scheduler, device, dist)
     if dist.main:
@@ -170,14 +168,15 @@ def _resume(run_dir: Path, model: nn.Module, optimizer: Any, scheduler: Any, dev
     state, meta = load_checkpoint(ckpt, device if dist.world == 1 else "cpu")
     weights = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
     full = StateDictOptions(full_state_dict=True)  # every rank reads the whole checkpoint and keeps its shard
-    set_model_state_dict(model, weights, options=full)
     saved = state["optimizer"]
-    if any(isinstance(p, int) for g in saved["param_groups"] for p in g["params"]):  # written before FSDP support
-        if dist.world > 1:
-            raise UserError(f"{ckpt} predates FSDP checkpoints: resume it in one process, not under torchrun.")
-        optimizer.load_state_dict(saved)
-    else:  # parameter names as keys: any number of ranks can resume it
-        set_optimizer_state_dict(model, optimizer, saved, options=full)
+    if dist.world > 1 and any(isinstance(p, int) for g in saved["param_groups"] for p in g["params"]):
+        raise UserError(f"{ckpt} predates FSDP checkpoints: resume it in one process, not under torchrun.")
+    with resuming(ckpt):
+        set_model_state_dict(model, weights, options=full)
+        if any(isinstance(p, int) for g in saved["param_groups"] for p in g["params"]):  # written before FSDP
+            optimizer.load_state_dict(saved)
+        else:  # parameter names as keys: any number of ranks can resume it
+            set_optimizer_state_dict(model, optimizer, saved, options=full)
     scheduler.load_state_dict(state["scheduler"])
     _set_rng(state["rng"])
     step = int(meta["step"])

@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 
 import policies.training as training
 from configs.checkpoint import list_checkpoints
+from configs.errors import UserError
 from policies.base import make_policy
 from tests.policies.conftest import DEBUG_TRAIN, observation, tiny_model_config
 
@@ -128,6 +129,9 @@ def test_vla_checkpoint_acts(policy_data_dir: Path, tmp_path: Path) -> None:
     cfg.checkpoint, cfg.device = str(list_checkpoints(run_dir)[-1]), "cpu"
     actions = make_policy(cfg).sample_actions(observation(1), 10)
     assert actions.shape == (10, 1, 7) and np.isfinite(actions).all()
+    # the same name rerun with another model size: a message that says why, not a state-dict traceback
+    with pytest.raises(UserError, match="step_000000002 does not fit the model this command builds"):
+        run("vla", policy_data_dir, tmp_path, "name=vla", "steps=4", "val_every=0", "policy.model.lm.hidden_size=64")
 
 
 def test_untrainable_policy_is_refused_before_writing(tmp_path: Path) -> None:

@@ -97,6 +97,27 @@ def test_bad_value_options_write_nothing(tmp_path: Path) -> None:
     assert not (tmp_path / "runs").exists()
 
 
+def test_bad_runs_are_user_errors_that_write_nothing(sim_data_dir: Path, tmp_path: Path) -> None:
+    """resume= without a checkpoint, batch_size=0, an unknown architecture: a message, nothing written; a
+    run's name rerun with another algorithm: a message naming the mismatch, the run left as it was."""
+    runs, empty = tmp_path / "runs", tmp_path / "empty"
+    empty.mkdir()
+    for options, named in (
+        ([f"resume={empty}"], "no checkpoint there to resume from"),
+        ([f"resume={tmp_path / 'nope'}"], "no checkpoint there to resume from"),
+        (["batch_size=0"], "batch_size=0"),
+        (["value.encoder.arch=resnet99"], "not a timm architecture"),
+    ):
+        with pytest.raises(UserError, match=named):
+            train_value(cfg(sim_data_dir, runs, "name=bad", *options))
+    assert not runs.exists() and not any(empty.iterdir())
+    run = train_value(cfg(sim_data_dir, runs, "name=calql", "steps=2"))
+    before = sorted(p.relative_to(run) for p in run.rglob("*"))
+    with pytest.raises(UserError, match=r"step_000000002 does not fit the model this command builds .*config\.yaml"):
+        train_value(cfg(sim_data_dir, runs, "name=calql", "value=iql", "steps=4"))
+    assert sorted(p.relative_to(run) for p in run.rglob("*")) == before
+
+
 def test_missing_bridge_writes_nothing(tmp_path: Path) -> None:
     empty = tmp_path / "tfds"
     empty.mkdir()
