@@ -305,7 +305,12 @@ def build_datasets(
             store = p.val or p.train
             episodes = None if p.val else held_out(p.train.ep_key, p.config.val_fraction)
         if episodes is not None and not episodes.any():
-            raise UserError(f"{name}: no {split} episodes (val_fraction={p.config.val_fraction}).")
+            raise UserError(
+                f"{name}: no {split} episodes. Episodes go to the held-out split by a hash of their key, a share "
+                f"data.datasets.{name}.val_fraction={p.config.val_fraction} of them; with {len(set(p.train.ep_key))} "
+                f"episodes none fell in the {split} split. Use more episodes (a few dozen at least), or another "
+                "val_fraction."
+            )
         parts.append(TransitionDataset(store, normalizer, data.reward, episodes, vocab, cams, action_horizon))
         names.append(name)
         weights.append(p.config.weight)

@@ -45,7 +45,10 @@ def locate(data_dir: str | Path, tfds_name: str, version: str, how_to_get: str =
     if Path(data_dir).expanduser().is_dir():
         names = sorted(p.name for p in Path(data_dir).expanduser().iterdir() if p.is_dir())
         if names:
-            lines.append(f"Datasets present in {data_dir}: {', '.join(names[:20])}.")
+            lines.append(
+                f"Datasets present in {data_dir}: {', '.join(names[:20])} (to read one of them: "
+                "data.datasets.<name>.tfds_name=<dataset>)."
+            )
     if how_to_get:
         lines.append(how_to_get.format(data_dir=data_dir, root=root))
     lines.append("Set the location with data.data_dir=<dir> (or data.datasets.<name>.data_dir).")

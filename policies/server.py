@@ -92,10 +92,18 @@ class PolicyServer:
         """Bind the socket (after this, `.port` is the real port)."""
         from websockets.sync.server import serve
 
-        self._server = serve(
-            self._connection, self.host, self.port, compression=None, max_size=2 * self.max_size,
-            process_request=self._http,
-        )  # fmt: skip
+        if not 0 <= self.port <= 65535:
+            raise UserError(f"port={self.port}: choose a TCP port in 1..65535 (0 = any free one).")
+        try:
+            self._server = serve(
+                self._connection, self.host, self.port, compression=None, max_size=2 * self.max_size,
+                process_request=self._http,
+            )  # fmt: skip
+        except OSError as err:  # e.g. [Errno 98] Address already in use
+            raise UserError(
+                f"Cannot serve on {self.host}:{self.port} ({err.strerror or err}): another program may hold the port; "
+                "choose another port= (or stop it)."
+            ) from None
         self.port = self._server.socket.getsockname()[1]
         return self
 

@@ -301,8 +301,10 @@ def check_steering(options: Any) -> Any:
             "steer=true needs a critic: steering.critic=<run dir of train_value.py> (or a checkpoint directory; "
             "steering.critic=random for the random-critic sanity check)."
         )
-    if cfg.k < 1 or cfg.beta < 0:
-        raise UserError(f"steering.k={cfg.k} must be >= 1 and steering.beta={cfg.beta} >= 0 (0 = argmax).")
+    if cfg.k < 1:
+        raise UserError(f"steering.k={cfg.k}: steering needs at least one candidate (V-GPS: k=10).")
+    if cfg.beta < 0:
+        raise UserError(f"steering.beta={cfg.beta}: use beta >= 0 (0 = argmax, > 0 = softmax(Q / beta)).")
     if cfg.params not in ("target", "online"):
         raise UserError(f"steering.params={cfg.params!r}: choose target (V-GPS) or online.")
     if cfg.critic != "random":

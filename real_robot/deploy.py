@@ -19,6 +19,7 @@ from configs.errors import UserError
 from policies.base import Policy, make_policy
 from real_robot.client import WidowXClient
 from real_robot.loop import ControlLoop, Episode
+from real_robot.protocol import DEFAULT_PORT
 from real_robot.recorder import Recorder, ask_success
 from real_robot.safety import SafetyConfig, resolve_limits
 
@@ -42,10 +43,12 @@ def check_config(cfg: Any) -> SafetyConfig:
     """Validate what the user chose; returns the resolved safety limits."""
     from omegaconf import OmegaConf
 
-    if not str(cfg.instruction).strip():
+    if OmegaConf.is_missing(cfg, "instruction") or not str(cfg.instruction).strip():
         raise UserError('instruction is empty: pass instruction="put the spoon on the towel" (the task to do).')
     if cfg.episodes < 1 or cfg.max_steps < 1:
         raise UserError(f"episodes and max_steps must be >= 1, got {cfg.episodes} and {cfg.max_steps}")
+    if not 1 <= cfg.robot.port <= 65534:  # the service also uses port + 1
+        raise UserError(f"robot.port={cfg.robot.port}: the service's REP port is 1..65534 (default {DEFAULT_PORT}).")
     if cfg.robot.image_size < 8:
         raise UserError(f"robot.image_size={cfg.robot.image_size} is too small (the service resizes to it)")
     limits = OmegaConf.to_object(cfg.robot.safety)

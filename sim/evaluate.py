@@ -56,6 +56,9 @@ def evaluate(cfg: Any) -> Path:
         raise UserError("episodes and runner.workers must be >= 1 and videos >= 0.")
     if cfg.videos > 0 and not cfg.sim.render:
         raise UserError("videos need rendered images: set sim.render=true, or videos=0.")
+    if cfg.sim.render and cfg.sim.image_size < 8:
+        raise UserError(f"sim.image_size={cfg.sim.image_size}: render at least 8 px (e.g. 128, or the size the "
+                        "policy was trained at).")  # fmt: skip
     policy = build_policy(cfg)  # fails before anything is written
     run_dir = new_run_dir(cfg.run_root, "eval_sim", cfg.name)
     _check_same_run(run_dir, cfg)

@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from configs.errors import UserError
 from configs.registry import Registry
 
 SUITE = "suite"
@@ -53,7 +54,9 @@ def task_names(selection: str) -> list[str]:
         return TASKS.names()
     names = list(dict.fromkeys(n.strip() for n in str(selection).split("+")))
     for name in names:
-        TASKS.get(name)  # unknown names raise a UserError listing the known ones
+        if name not in TASKS:
+            raise UserError(f"{TASKS.unknown_message(name)} Or {SUITE!r} for all of them, or several joined by + "
+                            "(lift+stack).")  # fmt: skip
     return names
 
 

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from configs.errors import UserError
+from configs.hub import local_snapshot
 from configs.registry import Registry
 
 LANGUAGE_ENCODERS: Registry[type] = Registry("language encoder")
@@ -82,9 +83,10 @@ class HFSentenceEncoder(LanguageEncoder):
     def __init__(self, model: str, device: str = "cpu", batch_size: int = 64, **_: Any) -> None:
         from transformers import AutoModel, AutoTokenizer
 
+        source = local_snapshot(model, "sentence encoder", "value.language.model")  # fails fast when offline
         try:
-            self.tokenizer = AutoTokenizer.from_pretrained(model)
-            self.model = AutoModel.from_pretrained(model).to(device).eval()
+            self.tokenizer = AutoTokenizer.from_pretrained(source)
+            self.model = AutoModel.from_pretrained(source).to(device).eval()
         except OSError as err:
             raise UserError(
                 f"Cannot load the sentence encoder {model!r}: {err}\nGive a local directory with "

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from configs.errors import UserError
+from configs.hub import download_help, local_snapshot
 from policies.openvla.model import OpenVLA, OpenVLAArch
 from policies.openvla.processing import PROMPT, ImageProcessor
 
@@ -53,28 +54,15 @@ class LoadedOpenVLA:
 
 
 def fetch_help(path: str) -> str:
-    return (f"Download the weights on a machine with network access: `hf download {path} --local-dir <dir>` "
-            f"(older huggingface_hub: `huggingface-cli download ...`), then pass policy.path=<dir>.")  # fmt: skip
+    return download_help(path, "policy.path")
 
 
 def resolve_path(path: str) -> Path:
     """A local checkpoint directory, or the hub snapshot of `path` (from the local cache first)."""
     local = Path(path).expanduser()
-    if local.is_dir():
-        return local
-    if local.is_absolute() or path.startswith((".", "~")) or path.count("/") != 1:
+    if not local.is_dir() and (local.is_absolute() or path.startswith((".", "~")) or path.count("/") != 1):
         raise UserError(f"No OpenVLA checkpoint directory at {path!r}. {fetch_help(DEFAULT_ID)}")
-    from huggingface_hub import snapshot_download
-
-    try:
-        return Path(snapshot_download(path, allow_patterns=HUB_FILES, local_files_only=True))
-    except Exception:  # not in the cache: try the network below
-        pass
-    try:
-        return Path(snapshot_download(path, allow_patterns=HUB_FILES))
-    except Exception as err:  # offline, gated, unknown repo: all need the same fix
-        raise UserError(f"Cannot fetch OpenVLA weights {path!r} ({type(err).__name__}: {err}). "
-                        f"{fetch_help(path)}") from None  # fmt: skip
+    return local_snapshot(path, "OpenVLA weights", "policy.path", allow_patterns=HUB_FILES)
 
 
 def read_json(path: Path) -> dict[str, Any]:

@@ -42,6 +42,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from configs.errors import UserError
+from configs.hub import local_snapshot
 from policies.action_tokens import ActionTokenizer
 from policies.kv_cache import Decoding, extend, positions, prefill
 from policies.qsft.config import HFVLMConfig, QSFTModelConfig
@@ -192,9 +193,10 @@ class HFVLMBackbone(Backbone):
         dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(cfg.dtype)
         if dtype is None:
             raise UserError(f"policy.model.hf.dtype={cfg.dtype!r}; use float32 or bfloat16.")
+        source = local_snapshot(cfg.source, "VLM", "policy.model.hf.source")  # fails fast when offline
         try:
-            processor = AutoProcessor.from_pretrained(cfg.source)
-            model = AutoModelForImageTextToText.from_pretrained(cfg.source, dtype=dtype)
+            processor = AutoProcessor.from_pretrained(source)
+            model = AutoModelForImageTextToText.from_pretrained(source, dtype=dtype)
         except (OSError, ValueError) as err:
             raise UserError(f"Cannot load the VLM {cfg.source!r} (hub id or directory): {err}") from None
         return cls(model, processor, cfg.prompt, image_size, cfg.max_text_tokens)

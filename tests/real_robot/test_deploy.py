@@ -86,8 +86,13 @@ def test_unreachable_robot_and_bad_input_are_user_errors(tmp_path: Path) -> None
     out = _cli("instruction=x", f"robot.port={free_port_pair()}", "robot.connect_timeout_s=0.3",
                "robot.timeout_ms=100", f"run_root={tmp_path}")  # fmt: skip
     assert out.returncode == 2 and "No WidowX service answers" in out.stderr and "robot.host" in out.stderr
-    out = _cli("instruction=  ", f"run_root={tmp_path}")
-    assert out.returncode == 2 and "instruction is empty" in out.stderr
+    for args, message in (
+        (["instruction=  "], "instruction is empty"),
+        ([], "instruction is empty"),  # not given at all (a missing value in the config)
+        (["instruction=x", "robot.port=-1"], "robot.port=-1: the service's REP port is 1..65534"),
+    ):
+        out = _cli(*args, f"run_root={tmp_path}")
+        assert out.returncode == 2 and message in out.stderr and "Traceback" not in out.stderr, out.stderr
     assert not (tmp_path / "deploy_robot").exists()
 
 

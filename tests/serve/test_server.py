@@ -65,6 +65,17 @@ def test_openpi_style_requests_act_on_slot_0_and_follow_the_prompt(serve, raw) -
     assert reply["actions"][0, 2] == 2
 
 
+def test_a_port_that_cannot_be_served_is_a_user_error(serve) -> None:
+    from configs.errors import UserError
+    from policies.server import PolicyServer
+
+    busy = serve()  # holds its port
+    with pytest.raises(UserError, match=rf"Cannot serve on 127.0.0.1:{busy.port} \(.+\).*choose another port="):
+        PolicyServer(lambda: RandomPolicy(chunk=4), host="127.0.0.1", port=busy.port).listen()
+    with pytest.raises(UserError, match=r"port=-5: choose a TCP port in 1\.\.65535"):
+        PolicyServer(lambda: RandomPolicy(chunk=4), host="127.0.0.1", port=-5).listen()
+
+
 def test_healthz_answers_200_without_a_websocket(serve) -> None:
     server = serve(api_key="s3cret")  # health checks need no key
     conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=5)

@@ -90,6 +90,11 @@ def test_steer_needs_a_critic_and_writes_nothing_without_one(tmp_path: Path) -> 
         evaluate(eval_cfg(tmp_path, "steer=true"))
     with pytest.raises(UserError, match=r"steering\.critic=.*nowhere: No checkpoint at"):
         evaluate(eval_cfg(tmp_path, "steer=true", f"steering.critic={tmp_path / 'nowhere'}"))
+    for options, message in ((["steering.k=0"], r"steering\.k=0: steering needs at least one candidate"),
+                             (["steering.beta=-1"], r"steering\.beta=-1\.0: use beta >= 0"),
+                             (["sim.image_size=0"], r"sim\.image_size=0: render at least 8 px")):  # fmt: skip
+        with pytest.raises(UserError, match=message):
+            evaluate(eval_cfg(tmp_path, "steer=true", "steering.critic=random", *options))
     assert not (tmp_path / "eval_sim").exists()
 
 

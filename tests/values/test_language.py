@@ -64,9 +64,16 @@ def test_hf_encoder_mean_pools_and_embeds_a_text_alike_in_any_batch(tmp_path: Pa
     assert not np.allclose(batch[0], batch[1])
 
 
-def test_hf_encoder_errors_name_the_problem(tmp_path: Path) -> None:
+def test_hf_encoder_errors_name_the_problem(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     enc = make_language_encoder({"name": "hf", "model": str(tiny_bert(tmp_path / "bert"))})
     with pytest.raises(UserError, match="has 66 tokens, more than the 64"):
         enc.embed(["pick up the cube", " ".join(["cube"] * 64)])
-    with pytest.raises(UserError, match=r"value\.language\.name=hash"):
+    with pytest.raises(UserError, match=r"No sentence encoder directory at .*hf download"):
         make_language_encoder({"name": "hf", "model": str(tmp_path / "missing")})
+
+    def offline(*args, **kwargs):  # a hub id neither cached nor reachable: one failure, not minutes of retries
+        raise OSError("no network")
+
+    monkeypatch.setattr("huggingface_hub.snapshot_download", offline)
+    with pytest.raises(UserError, match=r"Cannot fetch the sentence encoder 'owner/encoder' \(OSError: no network\)"):
+        make_language_encoder({"name": "hf", "model": "owner/encoder"})
