@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from configs.errors import UserError
+from configs.hub import local_snapshot
 
 
 class ByteTokenizer:
@@ -52,8 +53,9 @@ class HFTokenizer:
     def __init__(self, source: str) -> None:
         from transformers import AutoTokenizer
 
+        local = local_snapshot(source, "tokenizer", "policy.model.lm.pretrained")  # fails fast when offline
         try:
-            self.tok = AutoTokenizer.from_pretrained(source)
+            self.tok = AutoTokenizer.from_pretrained(local)
         except (OSError, ValueError) as err:
             raise UserError(f"Cannot load the tokenizer {source!r} (a hub id or a local directory): {err}") from None
         self.source = source

@@ -34,6 +34,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from configs.errors import UserError
+from configs.hub import local_snapshot
 from policies.action_tokens import NUM_ACTION_TOKENS, ActionTokenizer
 from policies.base import ACTION_DIM, POLICIES, Policy
 from policies.config import LMConfig, VLAModelConfig
@@ -59,8 +60,9 @@ def build_lm(cfg: LMConfig, vocab_size: int) -> nn.Module:
     from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
     if cfg.pretrained:
+        source = local_snapshot(cfg.pretrained, "language model", "policy.model.lm.pretrained")  # fails fast offline
         try:
-            return AutoModelForCausalLM.from_pretrained(cfg.pretrained)
+            return AutoModelForCausalLM.from_pretrained(source)
         except (OSError, ValueError) as err:
             raise UserError(f"Cannot load the language model {cfg.pretrained!r}: {err}") from None
     inter = cfg.intermediate_size or 64 * math.ceil(8 * cfg.hidden_size / 3 / 64)
