@@ -113,12 +113,13 @@ def hydra_main(config_name: str) -> Callable[[Callable[[Any], Any]], Callable[[]
     def decorate(job: Callable[[Any], Any]) -> Callable[[], Any]:
         @functools.wraps(job)
         def task(cfg: Any) -> Any:
-            from configs.distributed import end_distributed
-
             setup_logging()
             with exit_on_user_error():
                 result = job(cfg)
-            end_distributed()  # a torchrun job closes its process group once every rank is done
+            if "torch.distributed" in sys.modules:  # a torchrun job closes its process group when every rank is done
+                from configs.distributed import end_distributed  # (torch-free jobs, e.g. serving, never import it)
+
+                end_distributed()
             return result
 
         register()
