@@ -130,7 +130,13 @@ def hydra_main(config_name: str) -> Callable[[Callable[[Any], Any]], Callable[[]
             with exit_on_user_error():
                 check_group_choices(sys.argv[1:])
                 check_overrides(config_name, sys.argv[1:])
-            return hydra_task()
+            try:
+                return hydra_task()
+            except KeyboardInterrupt:  # Ctrl-C: a line, not the traceback of wherever the job was
+                print(f"\ninterrupted: {config_name}.py stopped. What it finished is kept (checkpoints, recorded "
+                      "episodes, staged data); the same command (same name=) continues from there.",
+                      file=sys.stderr, flush=True)  # fmt: skip
+                raise SystemExit(130) from None
 
         return entry
 

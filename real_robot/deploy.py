@@ -109,17 +109,25 @@ def _session(cfg: Any, client: WidowXClient, policy: Policy, limits: SafetyConfi
     loop = ControlLoop(client, policy, limits, cfg.dry_run, robot.wrist_camera, robot.reset_timeout_s)
     recorder = Recorder(run_dir, robot.image_size, wrist=robot.wrist_camera is not None)
     summaries = []
-    for index in range(cfg.episodes):
-        log.info("episode %d/%d: %r", index + 1, cfg.episodes, cfg.instruction)
-        episode = loop.run_episode(cfg.instruction, cfg.max_steps)
-        summaries.append(_close_episode(cfg, episode, recorder))
-        if episode.error is not None:
-            raise episode.error
-        if episode.interrupted:
-            log.warning("session ended by the operator")
-            break
-    if cfg.record.enabled and not cfg.dry_run and cfg.record.write_at_end and recorder.next_id() > 0:
-        _write(cfg, recorder)
+    try:
+        for index in range(cfg.episodes):
+            log.info("episode %d/%d: %r", index + 1, cfg.episodes, cfg.instruction)
+            episode = loop.run_episode(cfg.instruction, cfg.max_steps)
+            summaries.append(_close_episode(cfg, episode, recorder))
+            if episode.error is not None:
+                raise episode.error
+            if episode.counts["safe_stop_failed"]:  # the service no longer takes commands: no next episode
+                raise UserError(
+                    f"The WidowX service stopped answering in episode {index + 1} ({episode.stop_reason}); the "
+                    f"session ends here and nothing more is sent. Check the robot (its e-stop if it moves) and the "
+                    f"service on {robot.host}:{robot.port}, then start a new session."
+                )
+            if episode.interrupted:
+                log.warning("session ended by the operator")
+                break
+    finally:  # the episodes recorded so far become the dataset even when the session ends on an error
+        if cfg.record.enabled and not cfg.dry_run and cfg.record.write_at_end and recorder.next_id() > 0:
+            _write(cfg, recorder)
     return summaries
 
 

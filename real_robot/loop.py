@@ -227,6 +227,7 @@ class ControlLoop:
         if status == WidowXStatus.SUCCESS:
             log.warning("safe stop: moving to the safe pose %s over %.1f s", pose, duration)
             return
+        episode.counts["safe_stop_failed"] += 1
         log.error("safe stop: the service did not take the move to the safe pose (%s: %s). Nothing more is sent; "
                   "the arm holds its last target. Check the robot; use its e-stop if it is moving.",
                   status.name, self.client.last_error)  # fmt: skip

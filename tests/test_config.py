@@ -136,3 +136,21 @@ def test_an_entry_point_ends_its_process_group_after_its_job(tmp_path: Path, mon
     finally:
         if tdist.is_initialized():
             tdist.destroy_process_group()
+
+
+def test_ctrl_c_ends_an_entry_point_with_a_line_not_a_traceback(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    from configs.run import hydra_main
+
+    @hydra_main("train_value")
+    def job(cfg) -> None:
+        raise KeyboardInterrupt  # wherever the job is when Ctrl-C arrives
+
+    monkeypatch.setattr(sys, "argv", ["train_value.py", "+experiment=debug"])
+    with pytest.raises(SystemExit) as exit_info:
+        job()
+    assert exit_info.value.code == 130
+    err = capsys.readouterr().err
+    assert "interrupted: train_value.py stopped" in err and "same command (same name=) continues" in err
+    assert "Traceback" not in err

@@ -12,6 +12,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from configs import CONFIG_DIR
+from configs.errors import UserError
 from configs.schema import register
 from data.features import flat_spec, sim_dataset_spec
 from data.rlds_writer import load_staged
@@ -52,6 +53,22 @@ def test_session_records_labelled_episodes(sim_service, tmp_path: Path) -> None:
     assert episode["steps/language_instruction"][0] == "put the spoon on the towel"
     assert "episode summary" in (run_dir / "log.txt").read_text()
     assert [kind for _, kind, _ in service.events].count("act:reset") == 2  # reset before each episode
+
+
+@pytest.mark.tf
+def test_a_robot_that_stops_answering_ends_the_session_and_keeps_its_episodes(sim_service, tmp_path: Path) -> None:
+    """The service goes silent in episode 1 of 2 (its observations, then the safe stop, unanswered): no
+    second episode is started, the message says why, and what was recorded is written as the dataset."""
+    from real_robot.sim_service import Fault
+
+    service = sim_service(Fault("no_reply", on="obs", at=3, duration_s=30.0))
+    cfg = config(service.port, tmp_path, "episodes=2", "success=false", f"record.data_dir={tmp_path / 'data'}")
+    with pytest.raises(UserError, match=r"stopped answering in episode 1 .*no observation.*start a new session"):
+        deploy(cfg)
+    assert [kind for _, kind, _ in service.events].count("act:reset") == 1  # no second episode
+    run_dir = tmp_path / "deploy_robot" / "session"
+    assert len((run_dir / "episodes.jsonl").read_text().splitlines()) == 1
+    assert any((tmp_path / "data").rglob("dataset_info.json"))  # the staged episode was written as RLDS
 
 
 def test_unlabelled_episode_is_kept(sim_service, tmp_path: Path, monkeypatch) -> None:
