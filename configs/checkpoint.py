@@ -84,10 +84,18 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tup
     from safetensors.torch import load_file
 
     path = resolve_checkpoint(path)
-    state: dict[str, Any] = dict(load_file(str(path / MODEL_FILE), device=str(device)))
-    if (path / STATE_FILE).is_file():
-        state.update(torch.load(path / STATE_FILE, map_location=device, weights_only=False))
-    return state, json.loads((path / META_FILE).read_text())
+    try:
+        state: dict[str, Any] = dict(load_file(str(path / MODEL_FILE), device=str(device)))
+        if (path / STATE_FILE).is_file():
+            state.update(torch.load(path / STATE_FILE, map_location=device, weights_only=False))
+        meta = json.loads((path / META_FILE).read_text())
+    except Exception as err:  # safetensors, pickle, JSON and OS errors of a damaged or partial copy
+        detail = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+        raise UserError(
+            f"Cannot read the checkpoint {path} ({type(err).__name__}: {detail}): the files are damaged or "
+            "incomplete. Copy it again, or move that checkpoint directory away to resume from the one before it."
+        ) from None
+    return state, meta
 
 
 @contextlib.contextmanager

@@ -74,7 +74,11 @@ def log_file(run_dir: Path, name: str = "log.txt") -> Iterator[Path]:
 def new_run_dir(root: str | Path, job: str, name: str | None = None) -> Path:
     """`<root>/<job>/<name or timestamp>`, created; an existing directory is reused (resume)."""
     run_dir = Path(root) / job / (name or datetime.now().strftime("%Y%m%d-%H%M%S"))
-    run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:  # read-only or full disk, permissions
+        raise UserError(f"Cannot create the run directory {run_dir} ({err.strerror or err}); choose a writable "
+                        "run_root=<dir>.") from None  # fmt: skip
     return run_dir
 
 

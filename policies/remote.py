@@ -234,7 +234,8 @@ class RemotePolicy(Policy):
             try:
                 # entered as a context manager: websockets >= 17.1 deprecates plain connect()
                 ws = connect(self.uri, compression=None, max_size=None, additional_headers=headers,
-                             open_timeout=max(self.connect_timeout_s, 1.0)).__enter__()  # fmt: skip
+                             open_timeout=max(self.connect_timeout_s, 1.0), close_timeout=1.0,
+                             ).__enter__()  # fmt: skip
                 break
             except InvalidStatus as err:
                 status = err.response.status_code

@@ -113,8 +113,11 @@ def _check_manifest(staging: Path, settings: dict[str, Any]) -> None:
                 f"Rerun with the same settings to resume, or remove {staging} to start over."
             )
         return
-    staging.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(settings, indent=1))
+    try:
+        staging.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(settings, indent=1))
+    except OSError as err:  # read-only or full disk, permissions
+        raise UserError(f"Cannot write to {staging} ({err.strerror or err}); choose a writable data_dir=.") from None
 
 
 def _canonical(value: Any) -> str:

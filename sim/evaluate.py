@@ -65,7 +65,7 @@ def evaluate(cfg: Any) -> Path:
     save_config(cfg, run_dir)
     with log_file(run_dir):
         specs = episode_specs(tasks, cfg.episodes, cfg.seed, record=lambda i: i < cfg.videos)
-        done = {(r["task"], r["seed"]) for r in _existing(run_dir)}
+        done = {(r["task"], r["seed"]) for r in _existing_without_errors(run_dir)}
         todo = [s for s in specs if (s.task, s.seed) not in done]
         what = cfg.policy.name + (f" steered (K={policy.k}, beta={policy.beta:g}, critic {policy.critic_name})"
                                   if isinstance(policy, ValueSteeredPolicy) else "")  # fmt: skip
@@ -81,6 +81,17 @@ def evaluate(cfg: Any) -> Path:
 
 def _existing(run_dir: Path) -> list[dict[str, Any]]:
     return load_records(run_dir) if (run_dir / EPISODES_FILE).is_file() else []
+
+
+def _existing_without_errors(run_dir: Path) -> list[dict[str, Any]]:
+    """The episodes a rerun keeps. One that ended in an error (a crashed or hung worker, an environment
+    exception) says nothing about the policy: its record is dropped, so the rerun runs it again."""
+    records = _existing(run_dir)
+    kept = [r for r in records if r.get("error") is None]
+    if len(kept) < len(records):
+        log.info("running again %d episodes that ended in an error last time", len(records) - len(kept))
+        (run_dir / EPISODES_FILE).write_text("".join(json.dumps(r) + "\n" for r in kept))
+    return kept
 
 
 def _check_same_run(run_dir: Path, cfg: Any) -> None:

@@ -109,3 +109,19 @@ def test_random_critic_run_and_its_resume_check(tmp_path: Path, fake_sim: None) 
     assert evaluate(eval_cfg(tmp_path, *steer)) == run  # same options: resumes (nothing left to run)
     with pytest.raises(UserError, match="steering differ"):
         evaluate(eval_cfg(tmp_path, *steer, "steering.k=5"))
+
+
+def test_a_rerun_runs_again_the_episodes_that_ended_in_an_error(tmp_path: Path, fake_sim: None) -> None:
+    """A crashed worker's episode is recorded as failed with its reason; the same command run again replaces
+    that record by a real rollout instead of counting the crash as a policy failure forever."""
+    from sim.evaluate import evaluate
+
+    run = evaluate(eval_cfg(tmp_path, "policy=random", "name=crashed"))
+    records = read_episodes(run)
+    crashed = {**records[1], "success": False, "error": "worker crashed (exit code -9) during step 1"}
+    (run / "episodes.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [records[0], crashed, *records[2:]]))
+    evaluate(eval_cfg(tmp_path, "policy=random", "name=crashed"))
+    again = read_episodes(run)
+    assert len(again) == 4 and all(r.get("error") is None for r in again)
+    assert {(r["task"], r["seed"]) for r in again} == {(r["task"], r["seed"]) for r in records}
+    assert "running again 1 episodes that ended in an error" in (run / "log.txt").read_text()

@@ -116,6 +116,16 @@ def test_bad_runs_are_user_errors_that_write_nothing(sim_data_dir: Path, tmp_pat
     with pytest.raises(UserError, match=r"step_000000002 does not fit the model this command builds .*config\.yaml"):
         train_value(cfg(sim_data_dir, runs, "name=calql", "value=iql", "steps=4"))
     assert sorted(p.relative_to(run) for p in run.rglob("*")) == before
+    # a damaged checkpoint (a partial copy): named, with the way back to the one before it
+    weights = run / "checkpoints" / "step_000000002" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:2000])
+    for load in (lambda: train_value(cfg(sim_data_dir, runs, "name=calql", "steps=4")), lambda: load_critic(run)):
+        with pytest.raises(UserError, match=r"Cannot read the checkpoint .*step_000000002 .*damaged or incomplete"):
+            load()
+    # an output directory that cannot be made: a message, not an OSError traceback
+    (tmp_path / "file").write_text("")
+    with pytest.raises(UserError, match=r"Cannot create the run directory .*choose a writable run_root"):
+        train_value(cfg(sim_data_dir, tmp_path / "file", "name=x", "steps=2"))
 
 
 def test_missing_bridge_writes_nothing(tmp_path: Path) -> None:
