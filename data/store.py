@@ -131,7 +131,7 @@ def build_chunk(task: ShardTask) -> ChunkCounts:
     except CorruptShardError as err:
         if not task.skip_corrupt:
             raise
-        counts.corrupt = str(err)
+        counts.corrupt = str(err).split(". Re-download this file")[0]  # skipped already: no advice to skip
     writer.close(counts)
     return counts
 

@@ -146,7 +146,8 @@ def test_corrupt_shard_error_or_skip(bridge_copy) -> None:
     cfg.skip_corrupt = True
     store = prepare_data(cfg)["bridge"].train
     assert store.meta["counts"]["episodes_read"] == 2
-    assert len(store.meta["counts"]["corrupt"]) == 1 and shard.name in store.meta["counts"]["corrupt"][0]
+    corrupt = store.meta["counts"]["corrupt"]
+    assert len(corrupt) == 1 and shard.name in corrupt[0] and "skip_corrupt" not in corrupt[0]  # no advice to skip
 
 
 def test_wrong_image_size_is_a_clear_error(bridge_copy, staged) -> None:
