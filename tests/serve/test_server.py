@@ -300,3 +300,33 @@ def test_a_policy_that_cannot_be_built_closes_only_that_connection(serve, connec
     with pytest.raises(RemotePolicyError, match="could not build its policy: OSError"):
         connect(server)
     assert connect(server).sample_actions(observation(0), 1).shape == (1, 2, 7)
+
+
+def test_a_frozen_server_times_out_and_the_client_closes_within_a_second() -> None:
+    """serve_policy.py stopped with SIGSTOP (a hung machine): the request times out after policy.timeout_s and
+    closing the connection does not wait for a close handshake that never comes (websockets' default: 10 s)."""
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    repo = Path(__file__).resolve().parents[2]
+    command = [sys.executable, "serve_policy.py", "policy=random", "policy.chunk=2", "host=127.0.0.1", f"port={port}"]
+    server = subprocess.Popen(command, cwd=repo, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        client = RemotePolicy("127.0.0.1", port, timeout_s=1.0, connect_timeout_s=60)
+        client.reset("go")
+        assert client.act(observation(0, instruction="go")).shape == (2, 7)
+        server.send_signal(signal.SIGSTOP)
+        with pytest.raises(RemotePolicyTimeout):
+            client.act(observation(1, instruction="go"))
+        start = time.monotonic()
+        client.close()
+        assert time.monotonic() - start < 3.0
+    finally:
+        server.send_signal(signal.SIGCONT)
+        server.terminate()
+        server.wait(timeout=30)
