@@ -88,8 +88,13 @@ def worker_main(conn: Connection, make_env: Callable[[str], Any], cpu: int | Non
                     trajectory = recorder.trajectory() if done and recorder is not None else None
                     timing = (time.perf_counter() - start, time.process_time() - cpu_start)
                     conn.send(("step", obs, reward, done, info, trajectory, timing))
+            except (BrokenPipeError, ConnectionResetError):
+                return  # the runner is gone (killed while this step ran): nothing to report it to
             except Exception:
-                conn.send(("error", traceback.format_exc()))
+                try:
+                    conn.send(("error", traceback.format_exc()))
+                except (BrokenPipeError, ConnectionResetError):
+                    return
     finally:
         for e in envs.values():
             e.close()

@@ -251,3 +251,17 @@ def test_result_record_is_json_ready() -> None:
     record = result.record()
     assert set(record) == {"task", "seed", "index", "instruction", "success", "steps", "return", "seconds", "error"}
     assert record["success"] is True and record["steps"] == 5
+
+
+def test_a_worker_whose_runner_is_gone_exits_quietly(capfd: pytest.CaptureFixture) -> None:
+    """The runner killed (SIGKILL) while a worker steps: the worker's reply finds a closed pipe; it
+    returns without a BrokenPipeError traceback (it used to print two)."""
+    import multiprocessing as mp
+
+    from sim.worker import worker_main
+
+    runner_end, worker_end = mp.Pipe()
+    runner_end.send(("reset", EpisodeSpec("fake", 3, 0, False)))
+    runner_end.close()  # gone before the reply
+    worker_main(worker_end, make_fake_env)
+    assert "Traceback" not in capfd.readouterr().err
