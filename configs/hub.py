@@ -21,18 +21,20 @@ def download_help(source: str, option: str) -> str:
             f"huggingface_hub: `huggingface-cli download ...`), then pass {option}=<dir>.")  # fmt: skip
 
 
-def local_snapshot(source: str, what: str, option: str, allow_patterns: list[str] | None = None) -> Path:
+def local_snapshot(source: str, what: str, option: str, allow_patterns: list[str] | None = None,
+                   example: str = "<owner/name>") -> Path:  # fmt: skip
     """The directory `source` names, or the hub snapshot of the hub id `source` (cached, else fetched).
 
-    `what` names the model in messages ("sentence encoder") and `option` the setting that takes a
-    directory instead (`value.language.model`).
+    `what` names the model in messages ("sentence encoder"), `option` the setting that takes a
+    directory instead (`value.language.model`), and `example` the hub id that the download help
+    shows when `source` is a missing directory rather than a hub id.
     """
     local = Path(source).expanduser()
     if local.is_dir():
         return local
     if not source or local.is_absolute() or source.startswith((".", "~")) or source.count("/") > 1:
         raise UserError(f"No {what} directory at {source!r} (and it is not a hub id, owner/name). "
-                        f"{download_help(source or '<owner/name>', option)}")  # fmt: skip
+                        f"{download_help(example, option)}")  # fmt: skip
     from huggingface_hub import snapshot_download
 
     kwargs = {"allow_patterns": allow_patterns} if allow_patterns else {"ignore_patterns": OTHER_FRAMEWORKS}

@@ -215,23 +215,22 @@ def _override_message(script: str, err: Exception) -> str:
     """What Hydra's composition error means for the user of `script`, from the OmegaConf error under it."""
     import re
 
-    from omegaconf.errors import ConfigAttributeError, ConfigKeyError, ValidationError
+    from omegaconf.errors import ValidationError
 
     cause, text = err.__cause__, str(err)
-    unknown = re.search(r"Key '([^']+)' not in '([^']+)'", f"{cause}" if cause else text)
-    if isinstance(cause, (ConfigKeyError, ConfigAttributeError)) or unknown:
-        key = str(getattr(cause, "full_key", "") or (unknown.group(1) if unknown else ""))
-        known = _fields(getattr(cause, "object_type", None)) or []
-        message = f"{key} is not an option of {script}{_nearest(key, known)}."
-        if text.startswith("In 'experiment/"):
-            experiment = text.split("'")[1]
-            return (f"+{experiment.replace('/', '=')} does not fit {script}: it sets {key}, which is not an "
-                    f"option here (configs/{experiment}.yaml is written for another entry point).")  # fmt: skip
-        return f"{message} `python {script} --cfg job` prints every option."
-    if isinstance(cause, ValidationError):
+    if isinstance(cause, ValidationError):  # a value of the wrong type
         first = str(cause).splitlines()[0]
         return f"{cause.full_key}: {first}. `python {script} --cfg job` prints every option with its type."
-    return text.split("\nConfig search path:")[0].strip()
+    unknown = re.search(r"Key '([^']+)' not in '", str(cause) if cause else text)
+    if unknown is None:
+        return text.split("\nConfig search path:")[0].strip()
+    key = str(getattr(cause, "full_key", "") or unknown.group(1))
+    if text.startswith("In 'experiment/"):  # the error sits in an experiment yaml, not on the command line
+        experiment = text.split("'")[1]
+        return (f"+{experiment.replace('/', '=')} does not fit {script}: it sets {key}, which is not an option "
+                f"here (configs/{experiment}.yaml is written for another entry point).")  # fmt: skip
+    known = _fields(getattr(cause, "object_type", None)) or []
+    return f"{key} is not an option of {script}{_nearest(key, known)}. `python {script} --cfg job` prints every option."
 
 
 def tensorboard_writer(run_dir: Path) -> Any:

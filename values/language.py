@@ -105,14 +105,14 @@ class HFSentenceEncoder(LanguageEncoder):
         out = []
         for start in range(0, len(texts), self.batch_size):
             batch = list(texts[start : start + self.batch_size])
-            for text, ids in zip(batch, self.tokenizer(batch)["input_ids"], strict=True):
+            encoded = self.tokenizer(batch, padding="max_length", max_length=self.length)  # longer ones stay longer
+            for text, ids in zip(batch, encoded["input_ids"], strict=True):
                 if len(ids) > self.length:
                     raise UserError(
                         f"The instruction {text!r} has {len(ids)} tokens, more than the {self.length} that the "
                         f"sentence encoder {self.name!r} embeds; shorten it or use an encoder with longer inputs."
                     )
-            tokens = self.tokenizer(batch, padding="max_length", max_length=self.length, return_tensors="pt")
-            tokens = tokens.to(self.device)
+            tokens = {k: torch.tensor(v, device=self.device) for k, v in encoded.items()}
             hidden = self.model(**tokens).last_hidden_state  # (n, length, dim)
             mask = tokens["attention_mask"].unsqueeze(-1).to(hidden.dtype)
             pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)

@@ -59,10 +59,7 @@ def fetch_help(path: str) -> str:
 
 def resolve_path(path: str) -> Path:
     """A local checkpoint directory, or the hub snapshot of `path` (from the local cache first)."""
-    local = Path(path).expanduser()
-    if not local.is_dir() and (local.is_absolute() or path.startswith((".", "~")) or path.count("/") != 1):
-        raise UserError(f"No OpenVLA checkpoint directory at {path!r}. {fetch_help(DEFAULT_ID)}")
-    return local_snapshot(path, "OpenVLA weights", "policy.path", allow_patterns=HUB_FILES)
+    return local_snapshot(path, "OpenVLA checkpoint", "policy.path", allow_patterns=HUB_FILES, example=DEFAULT_ID)
 
 
 def read_json(path: Path) -> dict[str, Any]:

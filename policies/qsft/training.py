@@ -169,11 +169,12 @@ def _resume(run_dir: Path, model: nn.Module, optimizer: Any, scheduler: Any, dev
     weights = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
     full = StateDictOptions(full_state_dict=True)  # every rank reads the whole checkpoint and keeps its shard
     saved = state["optimizer"]
-    if dist.world > 1 and any(isinstance(p, int) for g in saved["param_groups"] for p in g["params"]):
+    by_index = any(isinstance(p, int) for g in saved["param_groups"] for p in g["params"])  # written before FSDP
+    if by_index and dist.world > 1:
         raise UserError(f"{ckpt} predates FSDP checkpoints: resume it in one process, not under torchrun.")
     with resuming(ckpt):
         set_model_state_dict(model, weights, options=full)
-        if any(isinstance(p, int) for g in saved["param_groups"] for p in g["params"]):  # written before FSDP
+        if by_index:
             optimizer.load_state_dict(saved)
         else:  # parameter names as keys: any number of ranks can resume it
             set_optimizer_state_dict(model, optimizer, saved, options=full)

@@ -148,7 +148,7 @@ def test_missing_weights_name_the_download(tmp_path: Path, monkeypatch: pytest.M
 
     monkeypatch.setattr("huggingface_hub.snapshot_download", offline)
     with pytest.raises(
-        UserError, match=rf"Cannot fetch the OpenVLA weights 'openvla/openvla-7b' \(OSError: no network\).*{fix}"
+        UserError, match=rf"Cannot fetch the OpenVLA checkpoint 'openvla/openvla-7b' \(OSError: no network\).*{fix}"
     ):
         ckpt.load_openvla("openvla/openvla-7b")
     (tmp_path / "empty").mkdir()

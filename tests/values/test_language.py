@@ -68,7 +68,7 @@ def test_hf_encoder_errors_name_the_problem(tmp_path: Path, monkeypatch: pytest.
     enc = make_language_encoder({"name": "hf", "model": str(tiny_bert(tmp_path / "bert"))})
     with pytest.raises(UserError, match="has 66 tokens, more than the 64"):
         enc.embed(["pick up the cube", " ".join(["cube"] * 64)])
-    with pytest.raises(UserError, match=r"No sentence encoder directory at .*hf download"):
+    with pytest.raises(UserError, match=r"No sentence encoder directory at .*hf download <owner/name> --local-dir"):
         make_language_encoder({"name": "hf", "model": str(tmp_path / "missing")})
 
     def offline(*args, **kwargs):  # a hub id neither cached nor reachable: one failure, not minutes of retries
