@@ -48,22 +48,20 @@ step() {  # step NAME LIMIT_SECONDS COMMAND...
 } 2>&1 | tee -a "$log"
 
 vt="$py benchmarks/value_train.py --cache .bench/value --episodes ${EPISODES:-60} --workers 12"
-# most needed first (the budget skips what no longer fits): issue 4's end-to-end figure (V-GPS's separate
-# encoders, then actor_encoder=critic), the CUDA tests of code never run on a GPU (fused decoding, the
-# critic's side stream), issue 6's step / selection, issue 5's latency, then where the update's time goes
-step value_train 100 $vt --steps 30 --warmup 5 --label "$label, eager" --out "$out/value_train.json"
-step value_train_shared 100 $vt --steps 30 --warmup 5 --actor-encoder critic --label "$label, eager, actor_encoder=critic" \
+# most needed first (the budget skips what no longer fits): issue 4's end-to-end figure as train_value runs
+# by default on CUDA (encoders compiled; V-GPS's separate encoders, then actor_encoder=critic), the eager
+# reference, the CUDA tests, issue 6's step / selection, issue 5's latency, then where the update's time goes
+step value_train 160 $vt --steps 30 --warmup 5 --label "$label, compiled (default)" --out "$out/value_train.json"
+step value_train_shared 130 $vt --steps 30 --warmup 5 --actor-encoder critic --label "$label, compiled, actor_encoder=critic" \
     --out "$out/value_train.json"
+step value_train_eager 100 $vt --steps 30 --warmup 5 --no-compile --label "$label, eager" --out "$out/value_train.json"
 step gpu_tests 150 $py -m pytest -q -m gpu tests/gpu -p no:cacheprovider
 step qsft_step 120 $py benchmarks/qsft_step.py --iters 10 --label "$label" --out "$out/qsft_step.json"
 step steer_latency_graphs 100 $py benchmarks/steer_latency.py --cuda-graphs --iters 30 --ks 1 10 50 100 \
     --label "$label, CUDA graphs" --out "$out/steer_latency_graphs.json"
-# agent.update alone: torch.compile in NCHW (channels_last crashed in inductor on torch 2.11), channels_last
-# now that GroupNorm keeps bf16, and a profile of the default
-step value_variants 240 bash -c "
-    $vt --model-only --steps 15 --warmup 5 --profile 3 --label '$label, NCHW' --out $out/value_variants.json
-    $vt --model-only --steps 15 --warmup 5 --compile --label '$label, NCHW, torch.compile' --out $out/value_variants.json
-    $vt --model-only --steps 15 --warmup 5 --actor-encoder critic --compile --label '$label, NCHW, actor_encoder=critic, torch.compile' --out $out/value_variants.json"
+# agent.update alone: where the compiled default's time goes
+step value_variants 150 $vt --model-only --steps 15 --warmup 5 --profile 3 --label "$label, compiled, profile" \
+    --out "$out/value_variants.json"
 step openvla_sampling 180 $py benchmarks/openvla_sampling.py --size real --iters 10 --label "$label, OpenVLA-7B shape" \
     --out "$out/openvla_sampling.json"
 step openvla_sampling_hf 120 $py benchmarks/openvla_sampling.py --size real --iters 5 --ks 10 --decoder transformers \

@@ -52,9 +52,11 @@ from sim.config import SimConfig  # noqa: E402
 from sim.env import SimEnv  # noqa: E402
 
 
-def raw_worker(task: str, size: int, seconds: float, queue: mp.Queue, cpu: int | None = None) -> None:
-    """Step a plain robosuite environment for `seconds` (on CPU `cpu` only, if given); put (steps, wall s,
-    CPU s) on the queue."""
+def raw_worker(
+    task: str, size: int, seconds: float, queue: mp.Queue, cpu: int | None = None, simenv: bool = False
+) -> None:
+    """Step a plain robosuite environment (`simenv`: robosteer's SimEnv, as a runner worker does, without the
+    runner) for `seconds` (on CPU `cpu` only, if given); put (steps, wall s, CPU s) on the queue."""
     if cpu is not None:
         os.sched_setaffinity(0, {cpu})
     from robosuite.controllers import load_composite_controller_config
@@ -66,21 +68,31 @@ def raw_worker(task: str, size: int, seconds: float, queue: mp.Queue, cpu: int |
     import robosuite
 
     spec, cfg = TASKS.get(task), SimConfig(task=task, image_size=max(size, 8), render=size > 0)
-    env = robosuite.make(
-        spec.env_name, robots="Panda", controller_configs=load_composite_controller_config(robot="Panda"),
-        has_renderer=False, has_offscreen_renderer=size > 0, use_camera_obs=size > 0, camera_names=spec.camera,
-        camera_heights=max(size, 8), camera_widths=max(size, 8), control_freq=cfg.control_freq, horizon=10**6,
-        ignore_done=True, hard_reset=False, reward_shaping=True, **spec.env_kwargs,
-    )  # fmt: skip
-    if size > 0:
-        _fast_rendering(env, size)
-    horizon, action = spec.horizon(cfg.control_freq), np.zeros(7)
-    env.reset()
+    if simenv:
+        env = SimEnv(task, SimConfig(task=task, image_size=max(size, 8), render=size > 0, terminate_on_success=False))
+        action = np.zeros(7, np.float32)
+        action[6] = 1.0  # the runner's trivial policy: stay put, gripper open
+
+        def reset() -> None:
+            env.reset(0)
+    else:
+        env = robosuite.make(
+            spec.env_name, robots="Panda", controller_configs=load_composite_controller_config(robot="Panda"),
+            has_renderer=False, has_offscreen_renderer=size > 0, use_camera_obs=size > 0, camera_names=spec.camera,
+            camera_heights=max(size, 8), camera_widths=max(size, 8), control_freq=cfg.control_freq, horizon=10**6,
+            ignore_done=True, hard_reset=False, reward_shaping=True, **spec.env_kwargs,
+        )  # fmt: skip
+        if size > 0:
+            _fast_rendering(env, size)
+        action = np.zeros(7)
+        reset = env.reset
+    horizon = spec.horizon(cfg.control_freq)
+    reset()
     for _ in range(horizon):  # warm-up episode
         env.step(action)
     steps, start, cpu = 0, time.perf_counter(), time.process_time()
     while time.perf_counter() - start < seconds:
-        env.reset()
+        reset()
         for _ in range(horizon):
             env.step(action)
         steps += horizon
@@ -88,13 +100,16 @@ def raw_worker(task: str, size: int, seconds: float, queue: mp.Queue, cpu: int |
     env.close()
 
 
-def measure_raw(task: str, size: int, workers: int, seconds: float, pin_cpus: bool = False) -> tuple[float, float]:
+def measure_raw(
+    task: str, size: int, workers: int, seconds: float, pin_cpus: bool = False, simenv: bool = False
+) -> tuple[float, float]:
     """(steps/s summed over `workers` processes, CPU ms per step); `pin_cpus`: process i on CPU i, as the
-    runner pins its workers."""
+    runner pins its workers; `simenv`: the processes step SimEnv instead of plain robosuite."""
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     cpus = sorted(os.sched_getaffinity(0)) if pin_cpus else []
-    procs = [ctx.Process(target=raw_worker, args=(task, size, seconds, queue, cpus[i % len(cpus)] if cpus else None))
+    procs = [ctx.Process(target=raw_worker,
+                         args=(task, size, seconds, queue, cpus[i % len(cpus)] if cpus else None, simenv))
              for i in range(workers)]  # fmt: skip
     for p in procs:
         p.start()
@@ -178,6 +193,9 @@ def main() -> None:
     parser.add_argument("--per-worker", type=int, default=3, help="episodes per worker in a round of the runner")
     parser.add_argument("--no-async", action="store_true", help="measure the lockstep runner only")
     parser.add_argument("--pin-cpus", action="store_true", help="pin raw process / runner worker i to CPU i")
+    parser.add_argument("--raw-simenv", action="store_true",
+                        help="also W processes stepping SimEnv without the runner (raw_simenv_*): is a gap to raw "
+                             "in SimEnv or in the runner's workers?")  # fmt: skip
     parser.add_argument("--label", default="CPU machine, Mesa llvmpipe EGL")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "sim_throughput.json"))
     args = parser.parse_args()
@@ -188,9 +206,11 @@ def main() -> None:
     rows = []
     for size in args.sizes:
         for workers in args.workers:
-            raw, runner, free = [], [], []
+            raw, runner, free, raw_sim = [], [], [], []
             for _ in range(args.repeats):  # best of: other processes only ever slow a measurement down
                 raw.append(measure_raw(args.task, size, workers, args.seconds, args.pin_cpus))
+                if args.raw_simenv:
+                    raw_sim.append(measure_raw(args.task, size, workers, args.seconds, args.pin_cpus, simenv=True))
                 runner.append(measure_runner(args.task, size, workers, args.seconds, True, args.per_worker,
                                              args.pin_cpus))  # fmt: skip
                 if not args.no_async and workers > 1:
@@ -217,6 +237,12 @@ def main() -> None:
                             "runner_async_cpu_ms_per_step": round(free_cpu, 2),
                             "runner_async_stats": {k: round(v, 3) for k, v in free_stats.items()}})  # fmt: skip
                 line += f"; lockstep=false {free_rate:6.1f} steps/s ({free_rate / raw_rate:.0%})"
+            if raw_sim:  # W processes stepping SimEnv, no runner
+                (sim_rate, _), sim_cpu = max(raw_sim), min(c for _, c in raw_sim)
+                row.update({"raw_simenv_steps_per_s": round(sim_rate, 1),
+                            "raw_simenv_over_raw": round(sim_rate / raw_rate, 3),
+                            "raw_simenv_cpu_ms_per_step": round(sim_cpu, 2)})  # fmt: skip
+                line += f"; SimEnv alone {sim_rate:6.1f} steps/s ({sim_rate / raw_rate:.0%}), CPU {sim_cpu:.1f} ms"
             rows.append(row)
             print(f"{line}; load {os.getloadavg()[0]:.1f}", flush=True)
     report = {
@@ -225,7 +251,7 @@ def main() -> None:
         "machine": {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count(),
                     "mujoco_gl": os.environ.get("MUJOCO_GL"), "load_average_end": os.getloadavg()},
         "config": {"task": args.task, "seconds": args.seconds, "repeats": args.repeats, "per_worker": args.per_worker,
-                   "pin_cpus": args.pin_cpus, "goal_runner_over_raw": 0.8},
+                   "pin_cpus": args.pin_cpus, "raw_simenv": args.raw_simenv, "goal_runner_over_raw": 0.8},
         "results": rows,
     }  # fmt: skip
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -54,6 +54,11 @@ def make_agent(cfg: ValueConfig, lang_dim: int, discount: float, seed: int, chan
     return getattr(importlib.import_module(module), name)(cfg, lang_dim, discount, seed, channels_last)
 
 
+def use_compile(option: bool | None, device: torch.device) -> bool:
+    """train_value's `compile`: true or false as given; null (the default) compiles on CUDA only."""
+    return device.type == "cuda" if option is None else bool(option)
+
+
 def compile_encoders(agent: Agent) -> None:
     """torch.compile every image encoder of the agent, in place (`Module.compile`: the state-dict keys stay
     those of an uncompiled agent, so checkpoints load either way)."""
@@ -163,7 +168,7 @@ def train_value(cfg: TrainValueConfig) -> Path:
     agent.autocast = cfg.bf16 and device.type == "cuda"
     if cfg.channels_last:
         agent.to(memory_format=torch.channels_last)
-    if cfg.compile:
+    if use_compile(cfg.compile, device):
         compile_encoders(agent)
     run_dir = run_directory(dist, cfg.resume, cfg.run_root, "train_value", cfg.name)
     start = _resume(agent, run_dir, device)
