@@ -59,12 +59,37 @@ def use_compile(option: bool | None, device: torch.device) -> bool:
     return device.type == "cuda" if option is None else bool(option)
 
 
-def compile_encoders(agent: Agent) -> None:
+def compile_encoders(agent: Agent, **options: Any) -> None:
     """torch.compile every image encoder of the agent, in place (`Module.compile`: the state-dict keys stay
-    those of an uncompiled agent, so checkpoints load either way)."""
+    those of an uncompiled agent, so checkpoints load either way). Compiling happens at the first update;
+    a failure there is a UserError (`checked_update`)."""
     for net in agent.children():
         if getattr(net, "encoder", None) is not None:
-            net.encoder.compile()
+            net.encoder.compile(**options)
+
+
+def _compile_errors() -> tuple[type[BaseException], ...]:
+    import torch._dynamo.exc
+    import torch._inductor.exc
+
+    return tuple(
+        e for e in (torch._dynamo.exc.TorchDynamoException, getattr(torch._inductor.exc, "InductorError", None)) if e
+    )
+
+
+def checked_update(agent: Agent, batch: dict[str, torch.Tensor], metrics: bool) -> dict[str, float]:
+    """`agent.update`, with torch.compile's failures (no C compiler, no Triton, an inductor bug) turned into
+    a message that names the way around them."""
+    try:
+        return agent.update(batch, metrics=metrics)
+    except _compile_errors() as err:
+        cause = getattr(err, "inner_exception", None) or err  # BackendCompilerFailed wraps the compiler's error
+        lines = str(cause).strip().splitlines()
+        raise UserError(
+            f"torch.compile of the value encoders failed: {type(cause).__name__}: {lines[0][:300] if lines else ''}\n"
+            "Train without it: compile=false (about 1.7x slower per update on a GPU), or fix the compiler set-up "
+            "(inductor needs a C compiler, and Triton on CUDA)."
+        ) from err
 
 
 # --- batches ----------------------------------------------------------------------------------
@@ -209,7 +234,7 @@ def _loop(cfg: TrainValueConfig, agent: Agent, dist: Distributed, device: torch.
     for step, raw in enumerate(loader, start=start):
         batch = training_batch(raw, lang_table, cfg, step, device, dist)
         done = step + 1
-        metrics = agent.update(batch, metrics=done % cfg.log_every == 0 or done == cfg.steps)
+        metrics = checked_update(agent, batch, metrics=done % cfg.log_every == 0 or done == cfg.steps)
         bar.update()
         if metrics and dist.main:
             metrics["samples_per_s"] = cfg.log_every * cfg.batch_size / (time.perf_counter() - tick)

@@ -160,6 +160,25 @@ def test_compile_defaults_to_cuda_only_and_follows_an_explicit_choice() -> None:
     assert (use_compile(on, cpu), use_compile(off, cuda)) == (True, False)
 
 
+def test_a_failing_torch_compile_is_a_message_that_names_compile_false(
+    sim_data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A compiler that fails at the first update (no C compiler, no Triton, an inductor bug) ends the run with
+    a UserError naming compile=false, not inductor's traceback; nothing is checkpointed."""
+    import values.train
+
+    def broken_backend(gm, example_inputs):
+        raise RuntimeError("no working C compiler found")
+
+    real = values.train.compile_encoders
+    monkeypatch.setattr(values.train, "compile_encoders", lambda agent: real(agent, backend=broken_backend))
+    with pytest.raises(UserError, match=r"torch.compile of the value encoders failed.*no working C compiler") as err:
+        train_value(cfg(sim_data_dir, tmp_path, "name=broken", "steps=2", "compile=true"))
+    assert "compile=false" in str(err.value)
+    run = tmp_path / "train_value" / "broken"
+    assert run.is_dir() and not list(run.glob("checkpoints/step_*"))
+
+
 def test_compiled_encoders_train_like_eager_ones_and_keep_checkpoint_keys() -> None:
     """train_value compile=true (compile_encoders, torch.compile in place; inductor's CPU backend here,
     tests/gpu has the CUDA one): the same updates as the eager agent, and the eager state-dict keys,
