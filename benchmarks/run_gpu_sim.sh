@@ -11,21 +11,7 @@ out=${1:?usage: benchmarks/run_gpu_sim.sh OUT_DIR [LABEL]}
 label=${2:-GPU machine, NVIDIA EGL}
 py=${PYTHON:-python3}
 mkdir -p "$out"
-wheels=${WHEELS:-.whl_sim}
-if ! ls "$wheels"/robosuite-*.whl >/dev/null 2>&1 || { [[ -z "${SKIP_GL:-}" ]] && ! ls .gl/*.deb >/dev/null 2>&1; }; then
-    echo "run_gpu_sim: no $wheels/robosuite-*.whl or .gl/*.deb: run benchmarks/prepare_gpu_sim.sh where PyPI is" \
-         "reachable and carry .whl_sim and .gl to this machine" >&2
-    exit 2
-fi
-if [[ -z "${SKIP_GL:-}" ]]; then
-    for f in .gl/*.deb; do dpkg -x "$f" /; done
-    ldconfig
-    vendor=/usr/local/nvidia/share/glvnd/egl_vendor.d/10_nvidia.json
-    [[ -f $vendor ]] && export __EGL_VENDOR_LIBRARY_FILENAMES=$vendor
-fi
-$py -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/simsite "$wheels"/*.whl ||
-    exit 1
-export PYTHONPATH=/tmp/simsite:$PWD${PYTHONPATH:+:$PYTHONPATH} MUJOCO_GL=egl PYOPENGL_PLATFORM=egl PYTHONUNBUFFERED=1
+source benchmarks/gpu_sim_env.sh || exit $?
 $py -c "import mujoco, robosuite; print('mujoco', mujoco.__version__, 'robosuite', robosuite.__version__)" || exit 1
 nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null
 timeout -k 5 "${SIM_SECONDS_LIMIT:-420}" $py benchmarks/sim_throughput.py --workers ${WORKERS:-1 4 8 16} \
