@@ -8,13 +8,19 @@
 # beforehand where TensorFlow is installed (`python benchmarks/value_train.py --cache .bench/value --episodes 60
 # --data-only`),
 # so nothing here needs TensorFlow or MuJoCo: python3 with a CUDA torch, timm, transformers, and
-# robosteer's small pure-Python dependencies (hydra-core, omegaconf, simplejpeg, lz4, google-crc32c).
+# robosteer's small dependencies (hydra-core, omegaconf, simplejpeg, lz4, google-crc32c), carried as
+# wheels in .whl (benchmarks/prepare_gpu_sim.sh) and installed under /tmp/site here.
 set -u
 out=${1:?usage: benchmarks/run_gpu.sh OUT_DIR [SECONDS] [LABEL]}
 budget=${2:-540}
 label=${3:-GPU machine}
 py=${PYTHON:-python3}
 mkdir -p "$out"
+if [[ -d .whl && ! -f /tmp/site/.installed ]]; then  # robosteer's pure-Python needs (benchmarks/prepare_gpu_sim.sh)
+    $py -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl &&
+        touch /tmp/site/.installed || exit 1
+fi
+[[ -d /tmp/site ]] && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 log="$out/log.txt"
 start=$(date +%s)
 export PYTHONUNBUFFERED=1
