@@ -121,7 +121,7 @@ def main() -> None:
     agent.autocast = cfg.bf16 and cuda
     if cfg.channels_last:
         agent.to(memory_format=torch.channels_last)
-    compiled = use_compile(cfg.compile, device)
+    compiled = use_compile(cfg.compile, device, cfg.channels_last)
     if compiled:
         compile_encoders(agent)
 

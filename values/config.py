@@ -115,9 +115,10 @@ class TrainValueConfig:
     # torch's GroupNorm copies channels_last activations to NCHW and back (docs/values.md).
     bf16: bool = True
     channels_last: bool = False
-    # torch.compile of the image encoders: null (the default) compiles on CUDA and not on the CPU, where
-    # it only adds compile time. One H200, agent.update alone (ResNet-34 @256, batch 256, bf16, Cal-QL):
-    # 96.7 ms compiled vs 167 ms eager (docs/values.md); compiling takes about a minute at the start.
+    # torch.compile of the image encoders: null (the default) compiles on CUDA in NCHW (not with
+    # channels_last=true, where inductor crashed) and not on the CPU, where it only adds compile time.
+    # One H200, agent.update alone (ResNet-34 @256, batch 256, bf16, Cal-QL): 96.7 ms compiled vs 167 ms
+    # eager (docs/values.md); compiling adds a minute or so at the start (not yet timed on its own).
     compile: bool | None = None
 
 

@@ -54,9 +54,11 @@ def make_agent(cfg: ValueConfig, lang_dim: int, discount: float, seed: int, chan
     return getattr(importlib.import_module(module), name)(cfg, lang_dim, discount, seed, channels_last)
 
 
-def use_compile(option: bool | None, device: torch.device) -> bool:
-    """train_value's `compile`: true or false as given; null (the default) compiles on CUDA only."""
-    return device.type == "cuda" if option is None else bool(option)
+def use_compile(option: bool | None, device: torch.device, channels_last: bool = False) -> bool:
+    """train_value's `compile`: true or false as given; null (the default) compiles on CUDA, in the default
+    NCHW layout only: inductor's GroupNorm backward crashed in channels_last on an H200 (torch 2.11,
+    "misaligned address"; docs/values.md)."""
+    return device.type == "cuda" and not channels_last if option is None else bool(option)
 
 
 def compile_encoders(agent: Agent, **options: Any) -> None:
@@ -193,7 +195,7 @@ def train_value(cfg: TrainValueConfig) -> Path:
     agent.autocast = cfg.bf16 and device.type == "cuda"
     if cfg.channels_last:
         agent.to(memory_format=torch.channels_last)
-    if use_compile(cfg.compile, device):
+    if use_compile(cfg.compile, device, cfg.channels_last):
         compile_encoders(agent)
     run_dir = run_directory(dist, cfg.resume, cfg.run_root, "train_value", cfg.name)
     start = _resume(agent, run_dir, device)
