@@ -156,6 +156,7 @@ def measure_runner(
     lockstep: bool = True,
     per_worker: int = 3,
     pin_cpus: bool = False,
+    spin_ms: float = 0.0,
 ) -> tuple[float, float, dict[str, float]]:
     """(steps/s of the runner with `workers` workers, CPU ms per step of workers + main process,
     the runner's RunnerStats summary: where the time went).
@@ -168,7 +169,7 @@ def measure_runner(
     cfg = SimConfig(task=task, image_size=max(size, 8), render=size > 0, terminate_on_success=False)
     policy = Still()
     make_env = functools.partial(make_timed_env, cfg)
-    with Runner(make_env, workers=workers, lockstep=lockstep, pin_cpus=pin_cpus) as runner:
+    with Runner(make_env, workers=workers, lockstep=lockstep, pin_cpus=pin_cpus, spin_ms=spin_ms) as runner:
         list(runner.run(episode_specs([task], workers, 0), policy))  # build the environments, warm up
         # From the last policy call of the warm-up to the last one of the final round: whole episodes.
         workers_cpu, main_cpu = dict(policy.cpu), time.process_time()
@@ -193,6 +194,8 @@ def main() -> None:
     parser.add_argument("--per-worker", type=int, default=3, help="episodes per worker in a round of the runner")
     parser.add_argument("--no-async", action="store_true", help="measure the lockstep runner only")
     parser.add_argument("--pin-cpus", action="store_true", help="pin raw process / runner worker i to CPU i")
+    parser.add_argument("--spin-ms", type=float, default=0.0,
+                        help="runner.spin_ms: workers poll their pipe this long before blocking")  # fmt: skip
     parser.add_argument("--raw-simenv", action="store_true",
                         help="also W processes stepping SimEnv without the runner (raw_simenv_*): is a gap to raw "
                              "in SimEnv or in the runner's workers?")  # fmt: skip
@@ -212,10 +215,10 @@ def main() -> None:
                 if args.raw_simenv:
                     raw_sim.append(measure_raw(args.task, size, workers, args.seconds, args.pin_cpus, simenv=True))
                 runner.append(measure_runner(args.task, size, workers, args.seconds, True, args.per_worker,
-                                             args.pin_cpus))  # fmt: skip
+                                             args.pin_cpus, args.spin_ms))  # fmt: skip
                 if not args.no_async and workers > 1:
                     free.append(measure_runner(args.task, size, workers, args.seconds, False, args.per_worker,
-                                               args.pin_cpus))  # fmt: skip
+                                               args.pin_cpus, args.spin_ms))  # fmt: skip
             (raw_rate, _), (runner_rate, _, stats) = max(raw), max(runner, key=lambda r: r[0])
             raw_cpu, runner_cpu = min(c for _, c in raw), min(c for _, c, _ in runner)
             row = {
@@ -251,7 +254,8 @@ def main() -> None:
         "machine": {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count(),
                     "mujoco_gl": os.environ.get("MUJOCO_GL"), "load_average_end": os.getloadavg()},
         "config": {"task": args.task, "seconds": args.seconds, "repeats": args.repeats, "per_worker": args.per_worker,
-                   "pin_cpus": args.pin_cpus, "raw_simenv": args.raw_simenv, "goal_runner_over_raw": 0.8},
+                   "pin_cpus": args.pin_cpus, "raw_simenv": args.raw_simenv, "spin_ms": args.spin_ms,
+                   "goal_runner_over_raw": 0.8},
         "results": rows,
     }  # fmt: skip
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

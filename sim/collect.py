@@ -92,6 +92,8 @@ def _check(cfg: Any) -> None:
         raise UserError(f"episodes={cfg.episodes}: collect at least one episode per task.")
     if cfg.runner.workers < 1:
         raise UserError(f"runner.workers={cfg.runner.workers}: use at least one worker process.")
+    if cfg.runner.spin_ms < 0:
+        raise UserError(f"runner.spin_ms={cfg.runner.spin_ms}: use 0 (workers block while they wait) or more.")
     if not cfg.sim.render or cfg.sim.image_size < 8:
         raise UserError("A dataset needs images: set sim.render=true and sim.image_size >= 8 (e.g. 128).")
 

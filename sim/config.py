@@ -100,6 +100,12 @@ class RunnerConfig:
     # waits between steps wakes on the core whose caches hold its simulation. Off by default: it is
     # measured by benchmarks/sim_throughput.py --pin-cpus, not yet shown to help (docs/sim.md).
     pin_cpus: bool = False
+    # A worker waiting for its next action polls its pipe for up to this many milliseconds before it
+    # sleeps. A core that sleeps between steps can be slow to wake and come back with cold caches (on a
+    # virtual machine's vCPUs above all); spinning keeps it busy instead, at the cost of that CPU time,
+    # so use it only with a core per worker to spare. 0 (the default): block at once. Measured by
+    # benchmarks/sim_throughput.py --spin-ms (docs/sim.md).
+    spin_ms: float = 0.0
 
 
 @dataclass

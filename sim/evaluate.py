@@ -52,8 +52,8 @@ def build_policy(cfg: Any) -> Policy:
 def evaluate(cfg: Any) -> Path:
     """Run an EvalSimConfig; returns the run directory."""
     tasks = task_names(cfg.sim.task)
-    if cfg.episodes < 1 or cfg.runner.workers < 1 or cfg.videos < 0:
-        raise UserError("episodes and runner.workers must be >= 1 and videos >= 0.")
+    if cfg.episodes < 1 or cfg.runner.workers < 1 or cfg.videos < 0 or cfg.runner.spin_ms < 0:
+        raise UserError("episodes and runner.workers must be >= 1, videos and runner.spin_ms >= 0.")
     if cfg.videos > 0 and not cfg.sim.render:
         raise UserError("videos need rendered images: set sim.render=true, or videos=0.")
     if cfg.sim.render and cfg.sim.image_size < 8:

@@ -179,12 +179,14 @@ class Runner:
 
     def __init__(
         self, make_env: EnvFactory, workers: int = 2, reset_timeout_s: float = 180.0, step_timeout_s: float = 60.0,
-        lockstep: bool = False, pin_cpus: bool = False, fixed_batch: bool = True,
+        lockstep: bool = False, pin_cpus: bool = False, fixed_batch: bool = True, spin_ms: float = 0.0,
     ) -> None:  # fmt: skip
         if workers < 1:
             raise ValueError(f"need at least one worker, got {workers}")
+        if spin_ms < 0:
+            raise ValueError(f"runner.spin_ms must be >= 0 (0: workers block while they wait), got {spin_ms}")
         self.make_env, self.reset_timeout_s, self.step_timeout_s = make_env, reset_timeout_s, step_timeout_s
-        self.lockstep, self.fixed_batch = lockstep, fixed_batch
+        self.lockstep, self.fixed_batch, self.spin_s = lockstep, fixed_batch, spin_ms / 1000
         if pin_cpus and not hasattr(os, "sched_getaffinity"):
             log.warning("runner.pin_cpus: this system cannot pin processes to CPUs (Linux only); workers run anywhere")
         pinnable = pin_cpus and hasattr(os, "sched_getaffinity")
@@ -197,8 +199,9 @@ class Runner:
     def from_config(cls, make_env: EnvFactory, cfg: Any) -> Runner:
         """A runner with the settings of a RunnerConfig (sim/config.py)."""
         return cls(
-            make_env, cfg.workers, cfg.reset_timeout_s, cfg.step_timeout_s, cfg.lockstep, cfg.pin_cpus, cfg.fixed_batch
-        )
+            make_env, cfg.workers, cfg.reset_timeout_s, cfg.step_timeout_s, cfg.lockstep, cfg.pin_cpus, cfg.fixed_batch,
+            cfg.spin_ms,
+        )  # fmt: skip
 
     def __enter__(self) -> Runner:
         return self
@@ -324,7 +327,10 @@ class Runner:
         parent, child = self._ctx.Pipe()
         cpu = self._cpus[slot.index % len(self._cpus)] if self._cpus else None
         process = self._ctx.Process(
-            target=worker_main, args=(child, self.make_env, cpu), name=f"sim-worker-{slot.index}", daemon=True
+            target=worker_main,
+            args=(child, self.make_env, cpu, self.spin_s),
+            name=f"sim-worker-{slot.index}",
+            daemon=True,
         )
         try:
             process.start()  # may raise (no fork/spawn possible): the slot then holds no half-made worker

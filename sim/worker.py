@@ -58,8 +58,9 @@ class Recorder:
         )
 
 
-def worker_main(conn: Connection, make_env: Callable[[str], Any], cpu: int | None = None) -> None:
-    """Serve reset/step requests until told to close (or the runner goes away); on CPU `cpu` only, if given."""
+def worker_main(conn: Connection, make_env: Callable[[str], Any], cpu: int | None = None, spin_s: float = 0.0) -> None:
+    """Serve reset/step requests until told to close (or the runner goes away); on CPU `cpu` only, if given.
+    Between requests, poll the pipe for up to `spin_s` seconds before blocking (runner.spin_ms)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the runner's to handle
     if cpu is not None:
         os.sched_setaffinity(0, {cpu})
@@ -67,6 +68,10 @@ def worker_main(conn: Connection, make_env: Callable[[str], Any], cpu: int | Non
     env, recorder = None, None
     try:
         while True:
+            if spin_s > 0:  # keep this core busy (and its caches warm) while the next request is close
+                deadline = time.perf_counter() + spin_s
+                while time.perf_counter() < deadline and not conn.poll():
+                    pass
             try:
                 message = conn.recv()
             except (EOFError, OSError):

@@ -52,6 +52,7 @@ class FakeEnv:
             "instruction": f"fake {self.task}" + " and then some more" * (self.seed % 3 if self.varied else 0),
             "privileged": {"task": self.task, "seed": self.seed},
             "cpus": sorted(os.sched_getaffinity(0)),  # where the worker may run (runner pin_cpus)
+            "cpu_s": time.process_time(),  # the worker's CPU time so far (runner spin_ms)
         }
 
 

@@ -190,6 +190,34 @@ def test_pinned_workers_each_run_on_their_own_cpu() -> None:
         assert policy.cpus == expected
 
 
+def test_spinning_workers_give_the_same_episodes_and_poll_while_they_wait() -> None:
+    """runner.spin_ms: a worker polls its pipe before it blocks. The episodes are the same; the CPU a worker
+    spends while a slow policy thinks (20 ms per call) is ~0 blocking and ~the whole wait spinning."""
+
+    class Slow(EchoPolicy):
+        def __init__(self) -> None:
+            super().__init__()
+            self.cpu: dict[int, list[float]] = {}
+
+        def act_batch(self, observations: Sequence[Observation], slots: Sequence[int] | None = None) -> np.ndarray:
+            for obs, slot in zip(observations, slots, strict=True):
+                self.cpu.setdefault(slot, []).append(obs["cpu_s"])
+            time.sleep(0.02)
+            return super().act_batch(observations, slots)
+
+    runs = {}
+    for spin_ms in (0.0, 50.0):
+        policy = Slow()
+        with Runner(make_fake_env, workers=1, spin_ms=spin_ms) as runner:
+            results = sorted((r.seed, r.success, r.steps, r.ret) for r in runner.run(specs(range(3)), policy))
+        cpu = policy.cpu[0]
+        runs[spin_ms] = results, (cpu[-1] - cpu[0]) / (len(cpu) - 1)  # worker CPU s per policy call
+    assert runs[0.0][0] == runs[50.0][0]
+    assert runs[0.0][1] < 0.005 and runs[50.0][1] > 0.012, runs
+    with pytest.raises(ValueError, match="spin_ms"):
+        Runner(make_fake_env, workers=1, spin_ms=-1)
+
+
 def test_a_crashing_worker_fails_its_episode_and_the_run_goes_on() -> None:
     make_env = functools.partial(make_fake_env, crash_seed=4)
     with Runner(make_env, workers=2) as runner:
