@@ -16,11 +16,9 @@ budget=${2:-540}
 label=${3:-GPU machine}
 py=${PYTHON:-python3}
 mkdir -p "$out"
-if [[ -d .whl && ! -f /tmp/site/.installed ]]; then  # robosteer's pure-Python needs (benchmarks/prepare_gpu_sim.sh)
-    $py -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl &&
-        touch /tmp/site/.installed || exit 1
-fi
-[[ -d /tmp/site ]] && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+source benchmarks/gpu_wheels.sh  # robosteer's pure-Python needs, carried in .whl
+install_wheels /tmp/site .whl || exit 1
+export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 log="$out/log.txt"
 start=$(date +%s)
 export PYTHONUNBUFFERED=1

@@ -67,9 +67,10 @@ def raw_worker(
     quiet_robosuite()
     import robosuite
 
-    spec, cfg = TASKS.get(task), SimConfig(task=task, image_size=max(size, 8), render=size > 0)
+    spec = TASKS.get(task)
+    cfg = SimConfig(task=task, image_size=max(size, 8), render=size > 0, terminate_on_success=False)
     if simenv:
-        env = SimEnv(task, SimConfig(task=task, image_size=max(size, 8), render=size > 0, terminate_on_success=False))
+        env = SimEnv(task, cfg)
         action = np.zeros(7, np.float32)
         action[6] = 1.0  # the runner's trivial policy: stay put, gripper open
 

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from configs.errors import UserError
+from configs.errors import UserError, first_line
 
 MODEL_FILE, STATE_FILE, META_FILE = "model.safetensors", "trainer_state.pt", "meta.json"
 
@@ -90,9 +90,8 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tup
             state.update(torch.load(path / STATE_FILE, map_location=device, weights_only=False))
         meta = json.loads((path / META_FILE).read_text())
     except Exception as err:  # safetensors, pickle, JSON and OS errors of a damaged or partial copy
-        detail = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
         raise UserError(
-            f"Cannot read the checkpoint {path} ({type(err).__name__}: {detail}): the files are damaged or "
+            f"Cannot read the checkpoint {path} ({type(err).__name__}: {first_line(err)}): the files are damaged or "
             "incomplete. Copy it again, or move that checkpoint directory away to resume from the one before it."
         ) from None
     return state, meta
@@ -106,10 +105,8 @@ def resuming(ckpt: Path) -> Iterator[None]:
     try:
         yield
     except (RuntimeError, ValueError, KeyError) as err:
-        lines = str(err).strip().splitlines()
-        detail = lines[0][:200] if lines else type(err).__name__
         raise UserError(
-            f"{ckpt} does not fit the model this command builds ({detail}). Its run was started with other "
+            f"{ckpt} does not fit the model this command builds ({first_line(err)}). Its run was started with other "
             f"options (see {Path(ckpt).parent.parent / 'config.yaml'}): rerun with those, or choose another name=."
         ) from None
 

@@ -18,6 +18,13 @@ class UserError(Exception):
     """An error caused by input or environment that the user can fix."""
 
 
+def first_line(err: BaseException, limit: int = 200) -> str:
+    """The first line of an exception's message (at most `limit` characters), or its type's name if empty:
+    the detail a UserError quotes from the library error underneath it."""
+    lines = str(err).strip().splitlines()
+    return lines[0][:limit] if lines else type(err).__name__
+
+
 @contextlib.contextmanager
 def exit_on_user_error() -> Iterator[None]:
     """Turn a `UserError` into its message on stderr and exit status 2 (no traceback)."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from configs.errors import UserError
+from configs.errors import UserError, first_line
 
 # Files of other frameworks that a PyTorch load never reads.
 OTHER_FRAMEWORKS = ["*.h5", "*.msgpack", "*.onnx", "*.ot", "*.tflite", "onnx/*", "openvino/*", "coreml/*",
@@ -45,6 +45,5 @@ def local_snapshot(source: str, what: str, option: str, allow_patterns: list[str
     try:
         return Path(snapshot_download(source, **kwargs))
     except Exception as err:  # offline, gated, unknown repo: all need the same fix
-        detail = (str(err).strip().splitlines() or [""])[0][:200]
-        raise UserError(f"Cannot fetch the {what} {source!r} ({type(err).__name__}: {detail}). "
+        raise UserError(f"Cannot fetch the {what} {source!r} ({type(err).__name__}: {first_line(err)}). "
                         f"{download_help(source, option)}") from None  # fmt: skip

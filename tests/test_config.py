@@ -154,3 +154,11 @@ def test_ctrl_c_ends_an_entry_point_with_a_line_not_a_traceback(
     err = capsys.readouterr().err
     assert "interrupted: train_value.py stopped" in err and "same command (same name=) continues" in err
     assert "Traceback" not in err
+
+
+def test_first_line_quotes_an_errors_first_line_or_its_type() -> None:
+    from configs.errors import first_line
+
+    assert first_line(OSError("no network\nretrying...")) == "no network"
+    assert first_line(RuntimeError("  \n  ")) == "RuntimeError"
+    assert first_line(ValueError("x" * 500), limit=10) == "x" * 10

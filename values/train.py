@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from configs.checkpoint import latest_checkpoint, load_checkpoint, prune_checkpoints, resuming, save_checkpoint
 from configs.distributed import Distributed, gather_lists, main_first, mean_over_ranks, run_directory, start_training
-from configs.errors import UserError
+from configs.errors import UserError, first_line
 from configs.registry import Registry
 from configs.run import log_file, save_config, tensorboard_writer
 from data.augment import augment_pair
@@ -70,13 +70,12 @@ def compile_encoders(agent: Agent, **options: Any) -> None:
             net.encoder.compile(**options)
 
 
-def _compile_errors() -> tuple[type[BaseException], ...]:
+def _is_compile_error(err: BaseException) -> bool:
     import torch._dynamo.exc
     import torch._inductor.exc
 
-    return tuple(
-        e for e in (torch._dynamo.exc.TorchDynamoException, getattr(torch._inductor.exc, "InductorError", None)) if e
-    )
+    kinds = (torch._dynamo.exc.TorchDynamoException, getattr(torch._inductor.exc, "InductorError", None))
+    return isinstance(err, tuple(k for k in kinds if k is not None))
 
 
 def checked_update(agent: Agent, batch: dict[str, torch.Tensor], metrics: bool) -> dict[str, float]:
@@ -84,11 +83,12 @@ def checked_update(agent: Agent, batch: dict[str, torch.Tensor], metrics: bool) 
     a message that names the way around them."""
     try:
         return agent.update(batch, metrics=metrics)
-    except _compile_errors() as err:
+    except Exception as err:  # the compile errors are looked up only once something has failed
+        if not _is_compile_error(err):
+            raise
         cause = getattr(err, "inner_exception", None) or err  # BackendCompilerFailed wraps the compiler's error
-        lines = str(cause).strip().splitlines()
         raise UserError(
-            f"torch.compile of the value encoders failed: {type(cause).__name__}: {lines[0][:300] if lines else ''}\n"
+            f"torch.compile of the value encoders failed: {type(cause).__name__}: {first_line(cause, 300)}\n"
             "Train without it: compile=false (about 1.7x slower per update on a GPU), or fix the compiler set-up "
             "(inductor needs a C compiler, and Triton on CUDA)."
         ) from err
