@@ -179,6 +179,9 @@ def test_a_failing_torch_compile_is_a_message_that_names_compile_false(
     assert "compile=false" in str(err.value)
     run = tmp_path / "train_value" / "broken"
     assert run.is_dir() and not list(run.glob("checkpoints/step_*"))
+    # the fix the message names works on the same run name
+    assert train_value(cfg(sim_data_dir, tmp_path, "name=broken", "steps=2", "compile=false")) == run
+    assert [c.name for c in list_checkpoints(run)] == ["step_000000002"]
 
 
 def test_compiled_encoders_train_like_eager_ones_and_keep_checkpoint_keys() -> None:
