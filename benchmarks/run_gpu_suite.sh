@@ -23,11 +23,15 @@ source benchmarks/gpu_sim_env.sh || exit $?
 runs=$(mktemp -d)
 common=(sim=suite "sim.task=${TASKS:-suite}" "sim.image_size=${IMAGE_SIZE:-64}" "episodes=${EPISODES:-50}"
         "seed=${SEED:-1000}" "runner.workers=${WORKERS:-16}" videos=0 "run_root=$runs" ${EXTRA:-})
-base=(policy="${POLICY_NAME:-vla}" "policy.checkpoint=${POLICY:?POLICY=<train_policy run dir>}")
+base=(policy="${POLICY_NAME:-vla}" "policy.checkpoint=${POLICY:-}")  # checked below, for the arms that run it
 steer=(steer=true "steering.k=${K:-10}" "steering.beta=${BETA:-0}")
 start=$(date +%s)
 done_arms=()
 for arm in "${arms[@]}"; do
+    if [[ $arm != qsft && -z ${POLICY:-} ]]; then
+        echo "run_gpu_suite: the $arm arm needs POLICY=<train_policy run dir>" >&2
+        exit 2
+    fi
     case $arm in
         base) args=("${base[@]}") ;;
         steered) args=("${base[@]}" "${steer[@]}" "steering.critic=${CRITIC:?CRITIC=<train_value run dir>}") ;;
