@@ -107,7 +107,7 @@ def _best_on(choose: np.ndarray, judge: np.ndarray) -> np.ndarray:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--policy", required=True, help="policy checkpoint or train_policy.py run directory")
-    p.add_argument("--policy-name", default="flow", help="the policy config group (flow, vla, ...)")
+    p.add_argument("--policy-name", default=None, help="policy config group (flow, vla...); default: the checkpoint's")
     p.add_argument("--critic", required=True, help="steering.critic: a train_value.py or train_qsft.py run, or random")
     p.add_argument("--task", default="lift")
     p.add_argument("--image-size", type=int, default=128)
@@ -131,11 +131,13 @@ def main() -> None:
 
     from configs import CONFIG_DIR
     from configs.schema import register
+    from policies.learned import checkpoint_policy_name
     from sim.env import SimEnv
     from sim.evaluate import build_policy
     from sim.runner import episode_seed
 
     register()
+    args.policy_name = args.policy_name or checkpoint_policy_name(args.policy)
     overrides = [f"policy={args.policy_name}", f"policy.checkpoint={args.policy}", "steer=true", f"sim={args.task}",
                  f"steering.critic={args.critic}", f"steering.k={args.k}", "steering.beta=0",
                  f"sim.image_size={args.image_size}", *args.override]  # fmt: skip

@@ -59,7 +59,7 @@ def choice(first: np.ndarray, q: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--policy", required=True, help="policy checkpoint or train_policy.py run directory")
-    p.add_argument("--policy-name", default="flow", help="the policy config group (flow, vla, ...)")
+    p.add_argument("--policy-name", default=None, help="policy config group (flow, vla...); default: the checkpoint's")
     p.add_argument("--critic", required=True, help="train_value.py run or checkpoint directory")
     p.add_argument("--k", type=int, default=10)
     p.add_argument("--frames", type=int, default=400)
@@ -73,9 +73,11 @@ def main() -> None:
 
     from configs import CONFIG_DIR
     from configs.schema import register
+    from policies.learned import checkpoint_policy_name
     from sim.evaluate import build_policy
 
     register()
+    args.policy_name = args.policy_name or checkpoint_policy_name(args.policy)
     overrides = [f"policy={args.policy_name}", f"policy.checkpoint={args.policy}", "steer=true",
                  f"steering.critic={args.critic}", f"steering.k={args.k}", "steering.beta=0"]  # fmt: skip
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):

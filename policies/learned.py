@@ -89,17 +89,28 @@ class LoadedModel:
     path: Path
 
 
-def load_policy_model(path: str | Path, expect: str | None = None, device: str | torch.device = "cpu") -> LoadedModel:
-    """Rebuild a trained policy model from a checkpoint (or run) directory; `expect` checks its policy name."""
-    path = resolve_checkpoint(path)
+def _checkpoint_meta(path: Path) -> tuple[str, dict[str, Any]]:
+    """(policy name, meta.json) of a resolved policy checkpoint directory, or a UserError saying what is missing."""
     for name in (CONFIG_FILE, STATS_FILE, "meta.json"):
         if not (path / name).is_file():
             raise UserError(f"{path} is not a policy checkpoint: it has no {name}.")
-    cfg = OmegaConf.load(path / CONFIG_FILE)
     meta = json.loads((path / "meta.json").read_text())
     name = meta.get("policy")
     if name is None:
         raise UserError(f"{path} is not a policy checkpoint (written by train_policy.py): meta.json has no policy.")
+    return name, meta
+
+
+def checkpoint_policy_name(path: str | Path) -> str:
+    """The policy config group (vla, flow, ...) a train_policy.py checkpoint or run directory holds."""
+    return _checkpoint_meta(resolve_checkpoint(path))[0]
+
+
+def load_policy_model(path: str | Path, expect: str | None = None, device: str | torch.device = "cpu") -> LoadedModel:
+    """Rebuild a trained policy model from a checkpoint (or run) directory; `expect` checks its policy name."""
+    path = resolve_checkpoint(path)
+    name, meta = _checkpoint_meta(path)
+    cfg = OmegaConf.load(path / CONFIG_FILE)
     if expect is not None and name != expect:
         raise UserError(f"{path} holds a {name!r} policy, not {expect!r}; use policy={name}.")
     model = MODELS.get(name).rebuild(cfg.policy.model, int(meta["image_size"]), path)

@@ -11,7 +11,7 @@ from omegaconf import OmegaConf
 
 from configs.errors import UserError
 from policies.base import POLICIES, RandomPolicy, _import_policy_modules, fixed_batches, make_policy
-from policies.learned import dataset_stats
+from policies.learned import checkpoint_policy_name, dataset_stats
 from policies.text import pad_ids
 from tests.policies.conftest import contract_config, fake_stats, observation, tiny_checkpoint, tiny_model_config
 
@@ -186,6 +186,15 @@ def test_checkpoint_errors_name_the_fix(name: str, tmp_path: Path) -> None:
     cfg.checkpoint = str(tiny_checkpoint(other, tmp_path / other))
     with pytest.raises(UserError, match=f"holds a '{other}' policy.*policy={other}"):
         make_policy(cfg)
+
+
+def test_checkpoint_policy_name_reads_the_checkpoint(tmp_path: Path) -> None:
+    for name in ("vla", "flow"):
+        run = tiny_checkpoint(name, tmp_path / name)
+        assert checkpoint_policy_name(run) == name
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="No checkpoint at|not a policy checkpoint"):
+        checkpoint_policy_name(tmp_path / "empty")
 
 
 def test_unknown_policy_suggests_the_closest() -> None:
