@@ -193,7 +193,7 @@ def test_checkpoint_policy_name_reads_the_checkpoint(tmp_path: Path) -> None:
         run = tiny_checkpoint(name, tmp_path / name)
         assert checkpoint_policy_name(run) == name
     (tmp_path / "empty").mkdir()
-    with pytest.raises(UserError, match="No checkpoint at|not a policy checkpoint"):
+    with pytest.raises(UserError, match=r"No checkpoint at|not a policy checkpoint"):
         checkpoint_policy_name(tmp_path / "empty")
 
 
