@@ -6,7 +6,9 @@ compares evaluation runs (e.g. a policy with and without steering on the same se
 and one plot, with each run's success rate and interval per task, plus the paired counts on the
 episodes (task, seed) that the first run and each other run both evaluated, over all tasks and per
 task, with the exact McNemar test of the difference (a two-sided binomial test on the episodes that
-only one of the two runs solved).
+only one of the two runs solved), and the mean return of each run on those episodes with the
+Wilcoxon signed-rank test of the per-episode return differences (success is rare on hard tasks; the
+shaped return shows whether an arm moves the episodes at all).
 """
 
 from __future__ import annotations
@@ -132,12 +134,73 @@ def mcnemar_exact(only_first: int, only_second: int) -> float:
     return min(1.0, 2 * tail)
 
 
+def wilcoxon_signed_rank(diffs: Sequence[float]) -> float:
+    """Two-sided p-value of the Wilcoxon signed-rank test that paired differences are symmetric about 0.
+
+    The choices are scipy.stats.wilcoxon's defaults (scipy 1.17), so the two agree: zero differences are
+    dropped (Wilcoxon's method) and tied |differences| get their mean rank; the statistic is the sum of
+    the ranks of the positive differences. Without ties or zeros and with n <= 50, its exact null
+    distribution; with ties or zeros and n <= 13, all 2^n sign flips; otherwise the normal
+    approximation with the tie-corrected variance and no continuity correction. 1 when no difference
+    is non-zero.
+    """
+    n_all = len(diffs)
+    nonzero = [float(d) for d in diffs if d != 0]
+    n = len(nonzero)
+    if n == 0:
+        return 1.0
+    ranks, tie_sizes = _mid_ranks([abs(d) for d in nonzero])
+    r_plus = sum(r for r, d in zip(ranks, nonzero, strict=True) if d > 0)
+    if n_all <= 50 and n == n_all and all(t == 1 for t in tie_sizes):
+        return _exact_signed_rank_p(n, round(r_plus))
+    if n_all <= 13:  # ties or zeros: the distribution of r_plus over the 2^n sign flips (zeros' signs change nothing)
+        sums = [0.0]
+        for r in ranks:
+            sums = [s + x for s in sums for x in (0.0, r)]
+        eps = 1e-9 * max(1.0, r_plus)
+        low = sum(s <= r_plus + eps for s in sums) / len(sums)
+        high = sum(s >= r_plus - eps for s in sums) / len(sums)
+        return min(1.0, 2 * min(low, high))
+    mean = n * (n + 1) / 4
+    var = (n * (n + 1) * (2 * n + 1) - sum(t**3 - t for t in tie_sizes) / 2) / 24
+    return math.erfc(abs(r_plus - mean) / math.sqrt(2 * var))
+
+
+def _mid_ranks(values: Sequence[float]) -> tuple[list[float], list[int]]:
+    """Ranks 1..n of `values`, tied values sharing their mean rank; and the size of each group of ties."""
+    order = sorted(range(len(values)), key=values.__getitem__)
+    ranks, sizes, i = [0.0] * len(values), [], 0
+    while i < len(order):
+        j = i
+        while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
+            j += 1
+        for m in range(i, j + 1):
+            ranks[order[m]] = (i + j) / 2 + 1
+        sizes.append(j - i + 1)
+        i = j + 1
+    return ranks, sizes
+
+
+def _exact_signed_rank_p(n: int, r_plus: int) -> float:
+    """Two-sided exact p of the signed-rank sum r_plus over ranks 1..n (each rank's sign a fair coin)."""
+    counts = [1] + [0] * (n * (n + 1) // 2)  # counts[s]: subsets of {1..k} with rank sum s
+    for k in range(1, n + 1):
+        for s in range(k * (k + 1) // 2, k - 1, -1):
+            counts[s] += counts[s - k]
+    total = 2**n
+    low, high = sum(counts[: r_plus + 1]) / total, sum(counts[r_plus:]) / total
+    return min(1.0, 2 * min(low, high))
+
+
 def paired_counts(a: list[dict[str, Any]], b: list[dict[str, Any]], task: str | None = None) -> dict[str, Any]:
     """On the episodes (task, seed) both runs evaluated (of `task` only, if given): how often both / only
-    one / neither succeeded, and the exact McNemar p-value of the difference."""
-    sa = {(r["task"], r["seed"]): bool(r["success"]) for r in a if task is None or r["task"] == task}
-    sb = {(r["task"], r["seed"]): bool(r["success"]) for r in b if task is None or r["task"] == task}
-    common = sa.keys() & sb.keys()
+    one / neither succeeded, the exact McNemar p-value of the difference, each run's mean return and the
+    Wilcoxon signed-rank p-value of the return differences."""
+    ra = {(r["task"], r["seed"]): r for r in a if task is None or r["task"] == task}
+    rb = {(r["task"], r["seed"]): r for r in b if task is None or r["task"] == task}
+    common = sorted(ra.keys() & rb.keys())
+    sa = {k: bool(ra[k]["success"]) for k in common}
+    sb = {k: bool(rb[k]["success"]) for k in common}
     counts = {
         "common": len(common),
         "both": sum(sa[k] and sb[k] for k in common),
@@ -145,7 +208,14 @@ def paired_counts(a: list[dict[str, Any]], b: list[dict[str, Any]], task: str | 
         "only_second": sum(sb[k] and not sa[k] for k in common),
         "neither": sum(not sa[k] and not sb[k] for k in common),
     }
-    return {**counts, "p_mcnemar": mcnemar_exact(counts["only_first"], counts["only_second"])}
+    ret_a = [float(ra[k]["return"]) for k in common]
+    ret_b = [float(rb[k]["return"]) for k in common]
+    returns = {
+        "mean_return_first": sum(ret_a) / max(len(common), 1),
+        "mean_return_second": sum(ret_b) / max(len(common), 1),
+        "p_wilcoxon_return": wilcoxon_signed_rank([y - x for x, y in zip(ret_a, ret_b, strict=True)]),
+    }
+    return {**counts, "p_mcnemar": mcnemar_exact(counts["only_first"], counts["only_second"]), **returns}
 
 
 def compare_runs(run_dirs: Sequence[str | Path], out_dir: str | Path | None = None) -> str:
@@ -168,7 +238,8 @@ def compare_runs(run_dirs: Sequence[str | Path], out_dir: str | Path | None = No
             lines.append(
                 f"- {name}: {c['common']} common episodes; both succeeded {c['both']}, only the first "
                 f"{c['only_first']}, only the second {c['only_second']}, neither {c['neither']}; exact McNemar "
-                f"p = {c['p_mcnemar']:.2g}"
+                f"p = {c['p_mcnemar']:.2g}; mean return {c['mean_return_first']:.2f} -> "
+                f"{c['mean_return_second']:.2f}, Wilcoxon signed-rank p = {c['p_wilcoxon_return']:.2g}"
             )
     report = "\n\n".join([*parts, "## paired (same task and seed)\n\n" + "\n".join(lines)])
     if out_dir is not None:
