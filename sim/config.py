@@ -151,6 +151,9 @@ class EvalSimConfig:
     # Outputs go to <run_root>/eval_sim/<name or timestamp>/.
     run_root: str = "runs"
     name: str | None = None
+    # An earlier eval_sim run on the same seed (e.g. the base policy): at the end, this run is compared
+    # with it on the episodes both evaluated (sim.report: comparison.md/.json/.png in the run directory).
+    compare_to: str | None = None
     runner: RunnerConfig = field(default_factory=RunnerConfig)
 
 

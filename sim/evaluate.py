@@ -11,7 +11,8 @@ per episode in `episodes.jsonl` (task, seed, success, steps, return, instruction
 (`steer=true steering.critic=<run dir of train_value.py>`, docs/steering.md) also writes
 `steering.json` (K, beta, critic, mean Q spread) and adds them to `summary.md`. Seeds depend only on
 (seed, task, episode number), so runs with the same `seed` see the same initial states; compare
-them with `python -m sim.report RUN_A RUN_B`. Rerunning with the same `name` after an
+them with `python -m sim.report RUN_A RUN_B`, or give `compare_to=RUN_A` to the second run, which
+then writes `comparison.md/.json/.png` (sim.report) itself. Rerunning with the same `name` after an
 interruption evaluates only the episodes that are missing.
 """
 
@@ -32,7 +33,7 @@ from configs.run import log_file, new_run_dir, save_config
 from policies.base import Policy, make_policy
 from policies.steering import ValueSteeredPolicy, build_steered_policy
 from sim.env import make_sim_env
-from sim.report import EPISODES_FILE, format_table, load_records, plot_success, summarize
+from sim.report import EPISODES_FILE, compare_runs, format_table, load_records, plot_success, summarize
 from sim.runner import EpisodeResult, EpisodeSpec, Runner, episode_specs
 from sim.tasks import task_names
 
@@ -59,6 +60,7 @@ def evaluate(cfg: Any) -> Path:
     if cfg.sim.render and cfg.sim.image_size < 8:
         raise UserError(f"sim.image_size={cfg.sim.image_size}: render at least 8 px (e.g. 128, or the size the "
                         "policy was trained at).")  # fmt: skip
+    reference = _reference_run(cfg)
     policy = build_policy(cfg)  # fails before anything is written
     run_dir = new_run_dir(cfg.run_root, "eval_sim", cfg.name)
     _check_same_run(run_dir, cfg)
@@ -76,7 +78,25 @@ def evaluate(cfg: Any) -> Path:
         finally:
             policy.close()
         _report(run_dir, {(s.task, s.seed) for s in specs}, _steering_summary(policy, run_dir))
+        if reference is not None:
+            log.info("compared with %s (comparison.md):\n%s", reference, compare_runs([reference, run_dir], run_dir))
     return run_dir
+
+
+def _reference_run(cfg: Any) -> Path | None:
+    """`compare_to`: an eval_sim run directory evaluated with the same seed, so that episodes pair up."""
+    if cfg.compare_to is None:
+        return None
+    reference = Path(cfg.compare_to).expanduser()
+    if not (reference / EPISODES_FILE).is_file():
+        raise UserError(f"compare_to={cfg.compare_to} is not an eval_sim run directory (it has no {EPISODES_FILE}); "
+                        "give the directory of an earlier evaluation, e.g. runs/eval_sim/<name>.")  # fmt: skip
+    saved = reference / "config.yaml"
+    seed = OmegaConf.load(saved).get("seed") if saved.is_file() else None
+    if seed is not None and seed != cfg.seed:
+        raise UserError(f"compare_to={cfg.compare_to} was evaluated with seed={seed}, this run with seed={cfg.seed}: "
+                        f"no episode would pair up. Run with seed={seed}.")  # fmt: skip
+    return reference
 
 
 def _existing(run_dir: Path) -> list[dict[str, Any]]:

@@ -125,3 +125,23 @@ def test_a_rerun_runs_again_the_episodes_that_ended_in_an_error(tmp_path: Path, 
     assert len(again) == 4 and all(r.get("error") is None for r in again)
     assert {(r["task"], r["seed"]) for r in again} == {(r["task"], r["seed"]) for r in records}
     assert "running again 1 episodes that ended in an error" in (run / "log.txt").read_text()
+
+
+def test_compare_to_pairs_the_run_with_an_earlier_one_and_checks_it_first(tmp_path: Path, fake_sim: None) -> None:
+    """`compare_to=<base run>` writes sim.report's comparison into the run; a directory that is not a run,
+    or a run on another seed (no episode would pair up), is refused before anything is written."""
+    from sim.evaluate import evaluate
+
+    base = evaluate(eval_cfg(tmp_path, "policy=random", "name=base"))
+    refused = [([f"compare_to={tmp_path / 'nowhere'}"], "is not an eval_sim run directory"),
+               ([f"compare_to={base}", "seed=7"], "evaluated with seed=1000, this run with seed=7")]  # fmt: skip
+    for options, message in refused:
+        with pytest.raises(UserError, match=message):
+            evaluate(eval_cfg(tmp_path, "steer=true", "steering.critic=random", "name=other", *options))
+    assert not (tmp_path / "eval_sim" / "other").exists()
+
+    run = evaluate(eval_cfg(tmp_path, "steer=true", "steering.critic=random", "name=steered", f"compare_to={base}"))
+    report = (run / "comparison.md").read_text()
+    assert "## base" in report and "## steered" in report and "base vs steered: 4 common episodes" in report
+    assert json.loads((run / "comparison.json").read_text())["paired"]["base vs steered"]["common"] == 4
+    assert (run / "comparison.png").stat().st_size > 0 and "compared with" in (run / "log.txt").read_text()
