@@ -215,9 +215,17 @@ def _override_message(script: str, err: Exception) -> str:
     """What Hydra's composition error means for the user of `script`, from the OmegaConf error under it."""
     import re
 
+    from hydra.errors import OverrideParseException
     from omegaconf.errors import ValidationError
 
     cause, text = err.__cause__, str(err)
+    if isinstance(err, OverrideParseException):  # the command line itself does not parse
+        key, _, value = err.override.partition("=")
+        hint = (f"Hydra does not expand `~`: write {key}=$HOME{value.lstrip('~')} (the shell expands $HOME), "
+                f"or quote the value: \"{key}='{value}'\"." if value.startswith("~") else
+                f"If the value holds characters Hydra's grammar reserves (~ = , [ ] {{ }} ( ) and "
+                f"quotes), quote it: \"{key}='{value}'\".")  # fmt: skip
+        return f"{err.override} is not a valid override ({text.splitlines()[0].split(':')[0]}). {hint}"
     if isinstance(cause, ValidationError):  # a value of the wrong type
         first = str(cause).splitlines()[0]
         return f"{cause.full_key}: {first}. `python {script} --cfg job` prints every option with its type."
