@@ -82,10 +82,17 @@ def test_unknown_config_option_suggests(tmp_path: Path) -> None:
         ("train_value", ["value.encoder.archh=x"], "(did you mean value.encoder.arch?)"),
         ("train_value", ["steps=abc"], "steps: Value 'abc' of type 'str' could not be converted to Integer"),
         ("train_policy", ["+experiment=debug"], "+experiment=debug does not fit train_policy.py: it sets value"),
-        ("eval_sim", ["policy=openvla", "policy.path=~/m/openvla-7b"],
-         "Hydra does not expand `~`: write policy.path=$HOME/m/openvla-7b (the shell expands $HOME), or quote"),
-        ("eval_sim", ["name=a=b"], "name=a=b is not a valid override (mismatched input '=' expecting <EOF>). If the "
-                                   "value holds characters Hydra's grammar reserves"),
+        (
+            "eval_sim",
+            ["policy=openvla", "policy.path=~/m/openvla-7b"],
+            "Hydra does not expand `~`: write policy.path=$HOME/m/openvla-7b (the shell expands $HOME), or quote",
+        ),
+        (
+            "eval_sim",
+            ["name=a=b"],
+            "name=a=b is not a valid override (mismatched input '=' expecting <EOF>). If the "
+            "value holds characters Hydra's grammar reserves",
+        ),
     ],
 )
 def test_wrong_options_are_user_errors_with_the_fix(script: str, args: list[str], message: str, tmp_path: Path) -> None:
