@@ -139,7 +139,12 @@ def _out_channels(block: nn.Module) -> int:
 
 
 class EnsembleMLP(nn.Module):
-    """E independent MLPs evaluated with batched matmuls: (E, N, in) or (N, in) -> (E, N, out)."""
+    """E independent MLPs evaluated with batched matmuls: (E, N, in) or (N, in) -> (E, N, out).
+
+    Always in float32, also under bf16 autocast: bf16 keeps 8 bits of mantissa, so a Q near -40 would
+    come out in steps of 0.25, which ties candidates that steering must rank (their Qs often differ by
+    less) and adds that much noise to the TD and CQL residuals. The heads cost little next to the encoder.
+    """
 
     def __init__(self, ensemble: int, in_dim: int, hidden: Sequence[int], out_dim: int) -> None:
         super().__init__()
@@ -155,10 +160,12 @@ class EnsembleMLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() == 2:
             x = x.unsqueeze(0).expand(self.ensemble, -1, -1)
-        for i, (w, b) in enumerate(zip(self.weights, self.biases, strict=True)):
-            x = torch.baddbmm(b, x, w)  # (E, N, in) @ (E, in, out) + (E, 1, out)
-            if i < len(self.weights) - 1:
-                x = F.silu(x)
+        with torch.autocast(x.device.type, enabled=False):
+            x = x.float()
+            for i, (w, b) in enumerate(zip(self.weights, self.biases, strict=True)):
+                x = torch.baddbmm(b.float(), x, w.float())  # (E, N, in) @ (E, in, out) + (E, 1, out)
+                if i < len(self.weights) - 1:
+                    x = F.silu(x)
         return x
 
 

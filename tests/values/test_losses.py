@@ -116,6 +116,24 @@ def test_ensemble_members_are_independent_mlps() -> None:
         torch.testing.assert_close(out[e], h @ mlp.weights[1][e] + mlp.biases[1][e])
 
 
+def test_q_heads_stay_float32_under_bf16_autocast() -> None:
+    """bf16 would round a Q near -40 to steps of 0.25 and tie the candidates steering ranks: the heads run
+    in float32 under autocast, with the float32 result bit for bit, and close candidates stay distinct."""
+    torch.manual_seed(0)
+    critic = Critic(FiLMResNet(EncoderConfig(arch="resnet10t"), cond_dim=8), [16, 16], ensemble=2).eval()
+    with torch.no_grad():
+        critic.heads.biases[-1].fill_(-40.0)  # Qs near -40, of 10 candidates close together
+        emb = torch.randn(1, critic.encoder.out_dim)
+        actions = torch.linspace(0, 0.2, 10).view(1, 10, 1).expand(1, 10, 7).contiguous()
+        reference = critic.q_from_embedding(emb, actions)
+        with torch.autocast("cpu", torch.bfloat16):
+            q = critic.q_from_embedding(emb, actions)
+            assert torch.mm(emb, emb.T).dtype == torch.bfloat16  # autocast is on for other matmuls
+    assert q.dtype == torch.float32 and torch.equal(q, reference)
+    assert q[0, 0].unique().numel() == 10 and q.abs().min() > 39
+    assert reference.bfloat16()[0, 0].unique().numel() < 10  # what bf16 heads would have returned
+
+
 def test_critic_shapes_film_identity_and_batched_actions() -> None:
     torch.manual_seed(0)
     enc = FiLMResNet(EncoderConfig(arch="resnet10t"), cond_dim=8)
