@@ -25,6 +25,10 @@ class RewardConfig:
     terminal_on_success: bool = True
     # Discount of the Monte-Carlo return G_t = r_t + discount * (1 - terminal_t) * G_{t+1}.
     discount: float = 0.98
+    # Monte-Carlo return of a failed episode (data/rewards.py): "constant" = step_reward / (1 - discount)
+    # at every step (Cal-QL's code: a time-out is no terminal state, and an episode that keeps failing
+    # earns that forever), "truncated" = the discounted sum up to the time-out (robosteer before stop 28).
+    failure_return: str = "constant"
     # Episodes whose dataset records no success flag (demonstrations such as Bridge) count as
     # successful; with False they count as failures.
     unknown_is_success: bool = True

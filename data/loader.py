@@ -36,7 +36,7 @@ from configs.errors import UserError
 from data.config import DataConfig, RewardConfig
 from data.normalize import ActionNormalizer
 from data.prepare import PreparedDataset
-from data.rewards import label_rewards, mc_returns, steps_to_end
+from data.rewards import episode_returns, label_rewards, steps_to_end
 from data.store import Store
 
 
@@ -66,7 +66,7 @@ class TransitionDataset(Dataset):
         is_success = self.success == 1 if not reward.unknown_is_success else self.success != 0
         self.reward, terminal = label_rewards(to_end, is_success, reward)
         self.terminal = terminal.astype(np.float32)
-        self.mc_return = mc_returns(self.reward, terminal, to_end, reward.discount)
+        self.mc_return = episode_returns(self.reward, terminal, to_end, is_success, reward)
         # store.action is NaN on each episode's last frame, so NaN marks "past the end" in chunks
         self._all_actions = normalizer.normalize(np.nan_to_num(store.action)).astype(np.float32)
         self._all_actions[~np.isfinite(store.action[:, 0])] = np.nan

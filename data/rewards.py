@@ -9,14 +9,22 @@ Labelling (V-GPS `num_final_repeat` = H): in a successful episode the last H tra
 no terminal transition: its end is a time-out, not a terminal state.
 
 Monte-Carlo return: G_i = r_i + discount * (1 - terminal_i) * G_{i+1}, with G of the episode's
-last transition = its reward (V-GPS's reverse scan).
+last transition = its reward (V-GPS's reverse scan). A failed episode (`episode_returns`,
+`RewardConfig.failure_return`): by default step_reward / (1 - discount) at every transition, as Cal-QL's
+code does for a trajectory of failure rewards only (`calc_return_to_go`). Its end is a time-out, and the
+sum up to it would be a return the behaviour never earns; Cal-QL uses the return as a lower bound of
+the learned Q, and the truncated sum (-1 to -4 over the last steps at discount 0.98) would hold the Qs
+of failing states far above their value (-50).
 """
 
 from __future__ import annotations
 
 import numpy as np
 
+from configs.errors import UserError
 from data.config import RewardConfig
+
+FAILURE_RETURNS = ("constant", "truncated")
 
 
 def steps_to_end(episode_lengths: np.ndarray) -> np.ndarray:
@@ -59,3 +67,20 @@ def mc_returns(reward: np.ndarray, terminal: np.ndarray, to_end: np.ndarray, dis
         else:
             returns[idx] = reward[idx] + discount * (~terminal[idx]) * returns[idx + 1]
     return returns.astype(np.float32)
+
+
+def episode_returns(
+    reward: np.ndarray, terminal: np.ndarray, to_end: np.ndarray, success: np.ndarray, cfg: RewardConfig
+) -> np.ndarray:
+    """(N,) Monte-Carlo returns of labelled transitions (`label_rewards`), failed episodes per
+    `cfg.failure_return` (module docstring), float32."""
+    if cfg.failure_return not in FAILURE_RETURNS:
+        raise UserError(f"data.reward.failure_return={cfg.failure_return!r}; use one of {', '.join(FAILURE_RETURNS)}.")
+    returns = mc_returns(reward, terminal, to_end, cfg.discount)
+    if cfg.failure_return == "constant":
+        if not 0 <= cfg.discount < 1:
+            raise UserError(f"data.reward.failure_return=constant needs data.reward.discount in [0, 1) (it is "
+                            f"{cfg.discount}): step_reward / (1 - discount). Or set "
+                            "data.reward.failure_return=truncated.")  # fmt: skip
+        returns[~np.asarray(success, dtype=bool)] = cfg.step_reward / (1 - cfg.discount)
+    return returns

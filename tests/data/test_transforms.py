@@ -10,7 +10,7 @@ from configs.errors import UserError
 from data.config import RewardConfig
 from data.datasets import DATASETS, binarize_gripper, bridge, relabel_actions
 from data.normalize import ActionNormalizer, MissingStatisticError, compute_stats, dataset_statistics
-from data.rewards import label_rewards, mc_returns, steps_to_end
+from data.rewards import episode_returns, label_rewards, mc_returns, steps_to_end
 
 # -- gripper binarisation (Octo's binarize_gripper_actions) -----------------------------------
 
@@ -78,6 +78,15 @@ def test_rewards_and_returns_hand_computed() -> None:
     returns = mc_returns(reward, terminal, to_end, cfg.discount)
     # A: G4=G3=G2=0 (terminal), G1=-1+0.5*0=-1, G0=-1+0.5*-1=-1.5. B: -1, -1.5, -1.75 from the end.
     np.testing.assert_allclose(returns, [-1.5, -1.0, 0, 0, 0, -1.75, -1.5, -1.0])
+    # Cal-QL's failed episodes: step_reward / (1 - discount) = -2 at every step; successes unchanged
+    calql = episode_returns(reward, terminal, to_end, success, cfg)
+    np.testing.assert_allclose(calql, [-1.5, -1.0, 0, 0, 0, -2.0, -2.0, -2.0])
+    truncated = RewardConfig(success_steps=3, step_reward=-1.0, discount=0.5, failure_return="truncated")
+    np.testing.assert_allclose(episode_returns(reward, terminal, to_end, success, truncated), returns)
+    for bad, message in ((RewardConfig(failure_return="zero"), "use one of constant, truncated"),
+                         (RewardConfig(discount=1.0), r"needs data.reward.discount in \[0, 1\)")):  # fmt: skip
+        with pytest.raises(UserError, match=message):
+            episode_returns(reward, terminal, to_end, success, bad)
 
 
 def test_qsft_style_rewards() -> None:
