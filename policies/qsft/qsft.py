@@ -30,9 +30,10 @@ default labels are V-GPS's 0 / -1.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -153,6 +154,25 @@ def selection_logits(
     return (log_pi + beta * q_probs / log_pi.exp()).masked_fill(~ratio_support(log_pi, floor), float("-inf"))
 
 
+def _mode_dependent(module: nn.Module) -> bool:
+    """Whether `module` computes something else in train mode: BatchNorm, or dropout with p > 0."""
+    return any(
+        isinstance(m, nn.modules.batchnorm._BatchNorm) or (isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0)
+        for m in module.modules()
+    )
+
+
+@contextlib.contextmanager
+def _eval_mode(module: nn.Module) -> Iterator[None]:
+    """`module` in eval mode inside the block, its own mode again after it."""
+    was = module.training
+    module.eval()
+    try:
+        yield
+    finally:
+        module.train(was)
+
+
 # --- the model -----------------------------------------------------------------------------------
 
 
@@ -172,6 +192,7 @@ class QSFTModel(nn.Module):
         self.q_target = q_target if q_target is not None else copy.deepcopy(self.q)
         self.q_target.requires_grad_(False)
         self.tokens, self.image_size = pi.tokens, pi.image_size
+        self.behaviour_frozen = False
 
     @classmethod
     def create(cls, cfg: Any, image_size: int) -> QSFTModel:
@@ -195,7 +216,15 @@ class QSFTModel(nn.Module):
     def train(self, mode: bool = True) -> QSFTModel:
         super().train(mode)
         self.q_target.eval()  # the target never drops out
+        if self.behaviour_frozen:  # a frozen pi_phi is what it was: no dropout, no BatchNorm statistics that move
+            self.pi.eval()
         return self
+
+    def freeze_behaviour(self) -> None:
+        """behaviour=frozen: pi_phi keeps its weights and stays in eval mode (its BatchNorm statistics too)."""
+        self.pi.requires_grad_(False)
+        self.behaviour_frozen = True
+        self.pi.eval()
 
     # --- training --------------------------------------------------------------------------------
 
@@ -229,6 +258,15 @@ class QSFTModel(nn.Module):
         instructions = list(batch["instruction"]) * (1 if mc else 2)
         inputs = ids[:, :-1] if mc else ids[:, :-1].repeat(2, 1)
         q_logits = self.q.action_logits(self.q.prefix(batch["image"], batch["instruction"]), ids[:, :-1])
+        eval_values = None
+        if not mc and self.pi.training and _mode_dependent(self.pi):
+            # the backup divides the target (eval mode) by pi_phi: both must normalise alike. A training
+            # pi_phi with BatchNorm would use the batch's statistics (a ratio ~1.008 per token where the
+            # weights are equal, which the max picks up) or dropout: its values come from an eval pass,
+            # before its training pass moves the running statistics.
+            with torch.no_grad(), _eval_mode(self.pi):
+                pi_both = self.pi.action_logits(self.pi.prefix(both, instructions), inputs)[..., 1:]
+            eval_values = pi_both[:B], pi_both[B:, :1]
         with torch.set_grad_enabled(train_behaviour and torch.is_grad_enabled()):
             if mc or not torch.is_grad_enabled():  # one pass over s_t and s_{t+1} (2B rows; B for mc)
                 pi_both = self.pi.action_logits(self.pi.prefix(both, instructions), inputs)[..., 1:]
@@ -241,6 +279,10 @@ class QSFTModel(nn.Module):
                         self.pi.prefix(batch["next_image"], batch["instruction"]), ids[:, :0]
                     )
                 pi_next = pi_next[..., 1:]
+        if eval_values is not None:
+            pi_values, pi_next = eval_values
+        else:
+            pi_values = pi_logits
         extra = {}
         with torch.no_grad():
             if mc:
@@ -251,7 +293,7 @@ class QSFTModel(nn.Module):
                     self.q_target.action_logits(self.q_target.prefix(both, instructions), inputs), self.labels
                 )
                 # the token state after token j: rows 1..6 of the action, then row 0 of the next observation
-                log_pi = torch.cat([pi_logits[:, 1:].detach(), pi_next], dim=1).log_softmax(-1)
+                log_pi = torch.cat([pi_values[:, 1:].detach(), pi_next], dim=1).log_softmax(-1)
                 after = [torch.cat([target[:B, 1:], target[B:, :1]], dim=1), log_pi]
                 if backup == "double":
                     # p_theta at s_{t+1}'s first token: the logits after its prefix, no action tokens

@@ -63,6 +63,12 @@ def check_config(cfg: TrainQSFTConfig) -> None:
             f"add data.reward.success_reward=1 data.reward.step_reward=0 data.reward.discount={cfg.gamma} "
             f"(now {reward.success_reward}, {reward.step_reward}, {reward.discount})."
         )
+    if not reward.terminal_on_success and reward.success_steps > 1:
+        raise UserError(
+            f"data.reward.terminal_on_success=false with data.reward.success_steps={reward.success_steps}: each "
+            "rewarded step would bootstrap into the next one, so returns would exceed 1, which Q-SFT's targets "
+            "(probabilities) cannot hold. Keep terminal_on_success=true, or set success_steps=1."
+        )
     model = cfg.policy.model
     if int(model.lora.rank) > 0 and model.backbone == "vla" and not model.init:
         raise UserError(
@@ -103,7 +109,7 @@ def train_qsft(cfg: TrainQSFTConfig) -> Path:
     if cfg.policy.model.backbone == "vla" and cfg.policy.model.init:  # the checkpoint's architecture is the one saved
         cfg.policy.model.vla = OmegaConf.merge(OmegaConf.structured(VLAModelConfig), model.pi.net.cfg)
     if cfg.behaviour == "frozen":
-        model.pi.requires_grad_(False)
+        model.freeze_behaviour()
     shared = share_frozen_weights(model) if lora_enabled(cfg.policy.model) and dist.world == 1 else 0
     if cfg.gradient_checkpointing:
         model.pi.gradient_checkpointing()

@@ -321,3 +321,42 @@ def test_selection_diagnostic_rules_and_statistics(model: QSFTModel) -> None:
                         torch.tensor([1, 0, 1, -1]).numpy(), torch.tensor([0, 0, 1, 1]).numpy())  # fmt: skip
     assert summary["transitions"] == 4 and summary["success_fraction"] == pytest.approx(2 / 3)
     assert set(summary["qsft"]) == {"entropy", "p_top", "p_data", "reweight_auc"} and "tv_to_qsft" in summary["pi"]
+
+
+def test_a_batchnorm_pi_phi_gives_the_backup_its_eval_mode_values() -> None:
+    """The target runs in eval mode, so pi_phi's values in the backup's ratio must too: with BatchNorm (a
+    ResNet vision encoder), train-mode batch statistics gave a ratio above 1 where the weights are equal.
+    A frozen pi_phi stays in eval mode and its statistics never move."""
+    from policies.qsft.qsft import QSFTModel
+    from tests.policies.conftest import IMAGE_SIZE
+    from tests.qsft.helpers import qsft_config
+
+    torch.manual_seed(0)
+    cfg = qsft_config("policy.model.vla.vision.arch=resnet10t")
+    cfg.policy.model.vla.vision.kwargs = {}  # the tiny ViT's options
+    m = QSFTModel.create(cfg.policy.model, IMAGE_SIZE)
+    with torch.no_grad():  # running statistics that differ from any one batch's, then three equal copies
+        m.pi.train()
+        for seed in range(3):
+            m.pi.prefix(images(8, 50 + seed).float().mul(0.5).to(torch.uint8), INSTRUCTIONS * 2)
+        m.q.load_state_dict(m.pi.state_dict())
+        m.q_target.load_state_dict(m.pi.state_dict())
+    data = batch()
+    m.eval()
+    with torch.no_grad():
+        reference = m.losses(data, 0.9, 0.01, train_behaviour=True)[2]
+    m.train()
+    joint = m.losses(data, 0.9, 0.01, train_behaviour=True)[2]
+    for name in ("target", "target_last", "target_clipped", "ratio_support"):
+        torch.testing.assert_close(joint[name], reference[name], rtol=1e-5, atol=1e-6)
+    assert m.pi.training  # joint: pi_phi trains (its SFT pass keeps batch statistics)
+
+    m.freeze_behaviour()  # (pi_phi's training pass above moved its statistics: a new eval-mode reference)
+    with torch.no_grad():
+        reference = m.eval().losses(data, 0.9, 0.01, train_behaviour=False)[2]
+    m.train()
+    assert not m.pi.training and m.q.training and not m.q_target.training
+    before = {k: v.clone() for k, v in m.pi.state_dict().items() if "running" in k}
+    frozen = m.losses(data, 0.9, 0.01, train_behaviour=False)[2]
+    assert before and all(torch.equal(v, m.pi.state_dict()[k]) for k, v in before.items())
+    torch.testing.assert_close(frozen["target"], reference["target"], rtol=1e-5, atol=1e-6)

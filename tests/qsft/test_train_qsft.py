@@ -143,6 +143,7 @@ def test_frozen_behaviour_from_a_train_policy_checkpoint(policy_data_dir: Path, 
         ("behaviour=sometimes", "behaviour="), ("pi_floor=1.5", "pi_floor"), ("behaviour=frozen", "policy.model.init"),
         ("backup=sarsa", "backup="), ("backup=mc", "data.reward.success_reward=1 data.reward.step_reward=0"),
         ("policy.model.lora.rank=4", "policy.model.init="),
+        ("data.reward.terminal_on_success=false", "returns would exceed 1"),
     ],
 )  # fmt: skip
 def test_bad_options_fail_before_anything_is_written(tmp_path: Path, override: str, message: str) -> None:
