@@ -81,6 +81,9 @@ class Agent(ABC, nn.Module):
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         average_gradients([p for group in self.optimizer.param_groups for p in group["params"]])
+        if self.cfg.grad_clip_norm > 0:  # per network, as optax chains clip_by_global_norm before each Adam
+            for group in self.optimizer.param_groups:
+                torch.nn.utils.clip_grad_norm_(group["params"], self.cfg.grad_clip_norm)
         self.optimizer.step()
         self.scheduler.step()
         self.after_step()

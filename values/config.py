@@ -57,6 +57,10 @@ class ValueConfig:
     value_lr: float = 3e-4
     # Linear learning-rate warm-up steps, then constant.
     warmup_steps: int = 2000
+    # Clip each network's gradient (critic, actor, temperature or value: one norm per optimiser group)
+    # to this global norm; 0 = no clipping. V-GPS: none for Cal-QL, 1.0 for IQL (optax
+    # clip_by_global_norm before each network's Adam).
+    grad_clip_norm: float = 0.0
     # Polyak rate of the target critic (V-GPS Cal-QL 5e-3, IQL 2e-3).
     target_update_rate: float = 5e-3
     # Cal-QL / CQL (jaxrl_m ContinuousCQLAgent as configured by V-GPS).

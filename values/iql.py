@@ -1,11 +1,13 @@
 """IQL (Kostrikov et al. 2022), the V-GPS alternative (jaxrl_m `gc_iql` as configured by V-GPS).
 
     L_V     = E[ |tau - 1(u < 0)| u^2 ],  u = min_i Qbar_i(s, a) - V(s)            (expectile, Eq. 5; tau 0.7)
-    L_Q     = E[ (Q_i(s, a) - r - gamma (1 - terminal) V(s'))^2 ], mean over critics   (Eq. 6)
+    L_Q     = E[ (Q_i(s, a) - r - gamma (1 - terminal) Vbar(s'))^2 ], mean over critics   (Eq. 6)
     L_pi    = -E[ min(exp(beta (min_i Qbar_i(s, a) - V(s))), 100) log pi(a|s) ]      (AWR, Eq. 7; beta 1.0)
 
-Qbar is the Polyak target critic (rate 2e-3 in V-GPS); the actor is a plain Gaussian (no tanh) so
-that dataset actions at the bounds keep a finite log-probability.
+Qbar and Vbar are Polyak targets of the critic and the value network (rate 2e-3 in V-GPS; its
+gc_iql bootstraps from the target value, `forward_target_value`, where the IQL paper's code uses V
+itself); the actor is a plain Gaussian (no tanh) so that dataset actions at the bounds keep a finite
+log-probability.
 """
 
 from __future__ import annotations
@@ -56,6 +58,7 @@ class IQLAgent(Agent):
             return None if self.shared else FiLMResNet(cfg.encoder, lang_dim, channels_last)
 
         self.value = ValueNet(encoder(), cfg.hidden, in_dim=width)
+        self.value_target = copy.deepcopy(self.value).requires_grad_(False)
         self.actor = Actor(encoder(), cfg.hidden, tanh_squash=False, in_dim=width)
         self.make_optimizer(
             [
@@ -73,13 +76,13 @@ class IQLAgent(Agent):
             with torch.no_grad():  # the target encoder once over s and s' (GroupNorm: rows stay independent)
                 both = self.target.embed(torch.cat([s, s_next]), torch.cat([lang, lang]))
                 q_target = self.target.q_from_embedding(both[: len(s)], a).float().min(dim=0).values
-                next_v = self.value.head(both[len(s) :])
+                next_v = self.value_target.head(both[len(s) :])
             q = self.critic.q_from_embedding(emb, a).float()
             mean, std = self.actor.head(emb.detach())
         else:
             v = self.value(s, lang)
             with torch.no_grad():
-                next_v = self.value(s_next, lang)  # V(s') is a target: no backward over these rows
+                next_v = self.value_target(s_next, lang)  # Vbar(s'): the target value network
                 q_target = self.target.q(s, lang, a).float().min(dim=0).values
             q = self.critic.q(s, lang, a).float()
             mean, std = self.actor(s, lang)
@@ -95,3 +98,11 @@ class IQLAgent(Agent):
 
     def after_step(self) -> None:
         soft_update(self.target, self.critic, self.cfg.target_update_rate)
+        soft_update(self.value_target, self.value, self.cfg.target_update_rate)
+
+    def load_state_dict(self, state: dict, strict: bool = True):  # type: ignore[override]
+        """Checkpoints written before the target value network existed (stop 28) start it as V."""
+        if not any(k.startswith("value_target.") for k in state):
+            copies = {"value_target." + k.removeprefix("value."): v for k, v in state.items() if k.startswith("value.")}
+            state = {**state, **copies}
+        return super().load_state_dict(state, strict=strict)

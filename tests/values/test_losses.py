@@ -93,6 +93,47 @@ def test_iql_losses() -> None:
     assert loss.item() == pytest.approx(-(1 * -1 + 2 * -2 + 100 * -3) / 3)
 
 
+@pytest.mark.parametrize("actor_encoder", ["separate", "critic"])
+def test_iql_bootstraps_from_the_target_value_network(actor_encoder: str) -> None:
+    """V-GPS's gc_iql: Q's target is r + gamma (1 - terminal) Vbar(s'), Vbar a Polyak copy of V (rate 2e-3)."""
+    from dataclasses import replace
+
+    from values.iql import IQLAgent
+
+    torch.manual_seed(0)
+    agent = IQLAgent(replace(small_value_config("iql", "resnet10t"), actor_encoder=actor_encoder), LANG_DIM, 0.5, 0)
+    data = value_batch(4, 32)
+    _, before = agent.losses(data, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        agent.value_target.mlp.biases[-1].add_(10.0)  # Vbar(s') + 10: the target moves by gamma * 10 = 5
+    _, after = agent.losses(data, torch.Generator().manual_seed(0))
+    assert after["q_target"].item() == pytest.approx(before["q_target"].item() + 5.0, abs=1e-4)
+    assert after["value_loss"].item() == pytest.approx(before["value_loss"].item())  # V itself is untouched
+    v, vbar = agent.value.mlp.biases[-1].detach().clone(), agent.value_target.mlp.biases[-1].detach().clone()
+    agent.after_step()
+    rate = agent.cfg.target_update_rate
+    torch.testing.assert_close(agent.value_target.mlp.biases[-1], vbar + rate * (v - vbar))
+    # a checkpoint from before Vbar existed starts it as V
+    old = {k: t for k, t in agent.state_dict().items() if not k.startswith("value_target.")}
+    fresh = IQLAgent(replace(small_value_config("iql", "resnet10t"), actor_encoder=actor_encoder), LANG_DIM, 0.5, 1)
+    fresh.load_state_dict(old)
+    assert torch.equal(fresh.value_target.mlp.biases[-1], agent.value.mlp.biases[-1])
+
+
+def test_gradient_clipping_bounds_each_networks_norm() -> None:
+    """grad_clip_norm (V-GPS IQL: 1.0): every optimiser group's gradient is clipped to that global norm."""
+    from dataclasses import replace
+
+    from values.iql import IQLAgent
+
+    torch.manual_seed(0)
+    agent = IQLAgent(replace(small_value_config("iql", "resnet10t"), grad_clip_norm=1e-3), LANG_DIM, 0.98, 0)
+    agent.update(value_batch(4, 32))
+    for group in agent.optimizer.param_groups:  # the gradients of the step are still there
+        norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in group["params"] if p.grad is not None]))
+        assert norm.item() == pytest.approx(1e-3, rel=1e-3)  # clipped (unclipped norms are far above 1e-3)
+
+
 def test_tanh_gaussian_log_prob_matches_torch_distributions() -> None:
     actor = Actor(FiLMResNet(EncoderConfig(arch="resnet10t"), 8), [16], tanh_squash=True)
     mean, std = T([[0.3, -1.0, 2.0, 0.0, 0.5, -0.2, 4.0]]), T([[0.5, 1.0, 0.2, 2.0, 0.1, 1.5, 0.3]])
@@ -213,9 +254,10 @@ def test_group_norm_keeps_bf16_under_autocast() -> None:
 
 @pytest.mark.parametrize("algo", ["calql", "iql"])
 def test_next_state_pass_runs_without_gradient(algo: str) -> None:
-    """The network read at s and s' (Cal-QL: the actor; IQL: V) runs with a gradient over the B rows of s
-    only; s' rows get a forward without one, so the backward does not run over 2B rows. Exact, because
-    GroupNorm normalises each row on its own: one pass over 2B rows gives the same outputs."""
+    """The network read at s and s' (Cal-QL: the actor; IQL: V, and at s' its target Vbar) runs with a
+    gradient over the B rows of s only; s' rows get a forward without one, so the backward does not run
+    over 2B rows. Exact, because GroupNorm normalises each row on its own: one pass over 2B rows gives
+    the same outputs."""
     from values.train import make_agent
 
     torch.manual_seed(0)
@@ -223,6 +265,9 @@ def test_next_state_pass_runs_without_gradient(algo: str) -> None:
     net = agent.actor if algo == "calql" else agent.value
     calls: list[tuple[int, bool]] = []
     net.encoder.register_forward_hook(lambda m, args, out: calls.append((len(args[0]), torch.is_grad_enabled())))
+    if algo == "iql":  # Vbar(s'): the same network's target copy (equal to V before the first update)
+        hook = lambda m, args, out: calls.append((len(args[0]), torch.is_grad_enabled()))  # noqa: E731
+        agent.value_target.encoder.register_forward_hook(hook)
     batch = value_batch(4, 32)
     metrics = agent.update(batch)
     assert calls == [(4, True), (4, False)] and all(np.isfinite(v) for v in metrics.values())
