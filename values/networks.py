@@ -163,7 +163,7 @@ class EnsembleMLP(nn.Module):
         with torch.autocast(x.device.type, enabled=False):
             x = x.float()
             for i, (w, b) in enumerate(zip(self.weights, self.biases, strict=True)):
-                x = torch.baddbmm(b.float(), x, w.float())  # (E, N, in) @ (E, in, out) + (E, 1, out)
+                x = torch.baddbmm(b, x, w)  # (E, N, in) @ (E, in, out) + (E, 1, out)
                 if i < len(self.weights) - 1:
                     x = F.silu(x)
         return x

@@ -193,6 +193,8 @@ class QSFTModel(nn.Module):
         self.q_target.requires_grad_(False)
         self.tokens, self.image_size = pi.tokens, pi.image_size
         self.behaviour_frozen = False
+        # BatchNorm or dropout in pi_phi (adapters included: LoRA goes on before the copies): looked up once
+        self.pi_mode_dependent = _mode_dependent(pi)
 
     @classmethod
     def create(cls, cfg: Any, image_size: int) -> QSFTModel:
@@ -259,7 +261,7 @@ class QSFTModel(nn.Module):
         inputs = ids[:, :-1] if mc else ids[:, :-1].repeat(2, 1)
         q_logits = self.q.action_logits(self.q.prefix(batch["image"], batch["instruction"]), ids[:, :-1])
         eval_values = None
-        if not mc and self.pi.training and _mode_dependent(self.pi):
+        if not mc and self.pi.training and self.pi_mode_dependent:
             # the backup divides the target (eval mode) by pi_phi: both must normalise alike. A training
             # pi_phi with BatchNorm would use the batch's statistics (a ratio ~1.008 per token where the
             # weights are equal, which the max picks up) or dropout: its values come from an eval pass,

@@ -333,8 +333,9 @@ def test_a_batchnorm_pi_phi_gives_the_backup_its_eval_mode_values() -> None:
 
     torch.manual_seed(0)
     cfg = qsft_config("policy.model.vla.vision.arch=resnet10t")
-    cfg.policy.model.vla.vision.kwargs = {}  # the tiny ViT's options
+    cfg.policy.model.vla.vision.kwargs = {}  # drop the tiny ViT's options (img_size, depth, ...): a ResNet takes none
     m = QSFTModel.create(cfg.policy.model, IMAGE_SIZE)
+    assert m.pi_mode_dependent and not tiny_qsft_model(0).pi_mode_dependent  # ResNet: BatchNorm; tiny ViT: neither
     with torch.no_grad():  # running statistics that differ from any one batch's, then three equal copies
         m.pi.train()
         for seed in range(3):
