@@ -60,7 +60,7 @@ def evaluate(cfg: Any) -> Path:
     if cfg.sim.render and cfg.sim.image_size < 8:
         raise UserError(f"sim.image_size={cfg.sim.image_size}: render at least 8 px (e.g. 128, or the size the "
                         "policy was trained at).")  # fmt: skip
-    reference = _reference_run(cfg)
+    reference = _reference_run(cfg, tasks)
     policy = build_policy(cfg)  # fails before anything is written
     run_dir = new_run_dir(cfg.run_root, "eval_sim", cfg.name)
     _check_same_run(run_dir, cfg)
@@ -83,8 +83,9 @@ def evaluate(cfg: Any) -> Path:
     return run_dir
 
 
-def _reference_run(cfg: Any) -> Path | None:
-    """`compare_to`: an eval_sim run directory evaluated with the same seed, so that episodes pair up."""
+def _reference_run(cfg: Any, tasks: list[str]) -> Path | None:
+    """`compare_to`: an eval_sim run directory evaluated with the same seed and on at least one of the
+    same tasks, so that episodes pair up."""
     if cfg.compare_to is None:
         return None
     reference = Path(cfg.compare_to).expanduser()
@@ -96,6 +97,10 @@ def _reference_run(cfg: Any) -> Path | None:
     if seed is not None and seed != cfg.seed:
         raise UserError(f"compare_to={cfg.compare_to} was evaluated with seed={seed}, this run with seed={cfg.seed}: "
                         f"no episode would pair up. Run with seed={seed}.")  # fmt: skip
+    theirs = sorted({r["task"] for r in load_records(reference)})
+    if theirs and not set(theirs) & set(tasks):
+        raise UserError(f"compare_to={cfg.compare_to} evaluated {', '.join(theirs)}, this run {', '.join(tasks)}: "
+                        f"no episode would pair up. Run with sim={theirs[0]} (or sim=suite).")  # fmt: skip
     return reference
 
 

@@ -129,12 +129,13 @@ def test_a_rerun_runs_again_the_episodes_that_ended_in_an_error(tmp_path: Path, 
 
 def test_compare_to_pairs_the_run_with_an_earlier_one_and_checks_it_first(tmp_path: Path, fake_sim: None) -> None:
     """`compare_to=<base run>` writes sim.report's comparison into the run; a directory that is not a run,
-    or a run on another seed (no episode would pair up), is refused before anything is written."""
+    or a run on another seed or other tasks (no episode would pair up), is refused before anything is written."""
     from sim.evaluate import evaluate
 
     base = evaluate(eval_cfg(tmp_path, "policy=random", "name=base"))
     refused = [([f"compare_to={tmp_path / 'nowhere'}"], "is not an eval_sim run directory"),
-               ([f"compare_to={base}", "seed=7"], "evaluated with seed=1000, this run with seed=7")]  # fmt: skip
+               ([f"compare_to={base}", "seed=7"], "evaluated with seed=1000, this run with seed=7"),
+               ([f"compare_to={base}", "sim=stack"], "evaluated lift, this run stack: no episode would")]  # fmt: skip
     for options, message in refused:
         with pytest.raises(UserError, match=message):
             evaluate(eval_cfg(tmp_path, "steer=true", "steering.critic=random", "name=other", *options))
