@@ -25,10 +25,11 @@ class RewardConfig:
     terminal_on_success: bool = True
     # Discount of the Monte-Carlo return G_t = r_t + discount * (1 - terminal_t) * G_{t+1}.
     discount: float = 0.98
-    # Monte-Carlo return of a failed episode (data/rewards.py): "constant" = step_reward / (1 - discount)
-    # at every step (Cal-QL's code: a time-out is no terminal state, and an episode that keeps failing
-    # earns that forever), "truncated" = the discounted sum up to the time-out (robosteer before stop 28).
-    failure_return: str = "constant"
+    # Monte-Carlo return of a failed episode (data/rewards.py): "truncated" = the discounted sum up to
+    # the time-out (V-GPS's reverse scan; the default: on simulated Lift its critics separate and steer,
+    # docs/steering.md), "constant" = step_reward / (1 - discount) at every step (Cal-QL's code, the
+    # default of stops 28-30: a time-out is no terminal state, and an episode that keeps failing earns that).
+    failure_return: str = "truncated"
     # Episodes whose dataset records no success flag (demonstrations such as Bridge) count as
     # successful; with False they count as failures.
     unknown_is_success: bool = True

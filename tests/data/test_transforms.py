@@ -78,13 +78,17 @@ def test_rewards_and_returns_hand_computed() -> None:
     returns = mc_returns(reward, terminal, to_end, cfg.discount)
     # A: G4=G3=G2=0 (terminal), G1=-1+0.5*0=-1, G0=-1+0.5*-1=-1.5. B: -1, -1.5, -1.75 from the end.
     np.testing.assert_allclose(returns, [-1.5, -1.0, 0, 0, 0, -1.75, -1.5, -1.0])
+    # by default (V-GPS's reverse scan) a failed episode keeps the discounted sum up to its time-out
+    assert cfg.failure_return == "truncated"
+    np.testing.assert_allclose(episode_returns(reward, terminal, to_end, success, cfg), returns)
     # Cal-QL's failed episodes: step_reward / (1 - discount) = -2 at every step; successes unchanged
-    calql = episode_returns(reward, terminal, to_end, success, cfg)
-    np.testing.assert_allclose(calql, [-1.5, -1.0, 0, 0, 0, -2.0, -2.0, -2.0])
-    truncated = RewardConfig(success_steps=3, step_reward=-1.0, discount=0.5, failure_return="truncated")
-    np.testing.assert_allclose(episode_returns(reward, terminal, to_end, success, truncated), returns)
+    calql = RewardConfig(success_steps=3, step_reward=-1.0, discount=0.5, failure_return="constant")
+    np.testing.assert_allclose(
+        episode_returns(reward, terminal, to_end, success, calql), [-1.5, -1.0, 0, 0, 0, -2.0, -2.0, -2.0]
+    )
     for bad, message in ((RewardConfig(failure_return="zero"), "use one of constant, truncated"),
-                         (RewardConfig(discount=1.0), r"needs data.reward.discount in \[0, 1\)")):  # fmt: skip
+                         (RewardConfig(discount=1.0, failure_return="constant"),
+                          r"needs data.reward.discount in \[0, 1\)")):  # fmt: skip
         with pytest.raises(UserError, match=message):
             episode_returns(reward, terminal, to_end, success, bad)
 
