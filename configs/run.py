@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
 import logging
 import random
 import sys
@@ -82,13 +83,56 @@ def new_run_dir(root: str | Path, job: str, name: str | None = None) -> Path:
     return run_dir
 
 
+# Options that only say how long a run goes on or how often it reports: changing them on a resume is routine.
+ROUTINE_CHANGES = frozenset(
+    {"steps", "episodes", "val_every", "val_batches", "ckpt_every", "keep_checkpoints", "log_every", "videos"}
+)
+
+
 def save_config(cfg: Any, run_dir: Path, name: str = "config.yaml") -> Path:
-    """Write the resolved config next to the run's outputs."""
+    """Write the resolved config next to the run's outputs.
+
+    A rerun into an existing run directory (same name=, a resume) whose options differ from the saved
+    ones logs each difference, as a warning unless only `ROUTINE_CHANGES` differ, and keeps the saved
+    file as `config.<time>.yaml`: the steps taken so far used those options, and a default changed
+    between two versions (data.reward.failure_return once) would otherwise switch a resumed run silently.
+    """
     from omegaconf import OmegaConf
 
     path = Path(run_dir) / name
-    path.write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    text = OmegaConf.to_yaml(cfg, resolve=True)
+    if path.is_file() and (old := path.read_text()) != text:
+        changes = config_changes(OmegaConf.create(old), OmegaConf.create(text))
+        if changes:
+            stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+            kept = next(k for i in itertools.count() if not (k := path.with_name(
+                f"{path.stem}.{stamp}{f'-{i}' if i else ''}{path.suffix}")).exists())  # fmt: skip
+            kept.write_text(old)
+            routine = all(key.rsplit(".", 1)[-1] in ROUTINE_CHANGES for key, _, _ in changes)
+            shown = "; ".join(f"{key}: {a} -> {b}" for key, a, b in changes[:12])
+            more = f"; and {len(changes) - 12} more" if len(changes) > 12 else ""
+            logging.getLogger(__name__).log(
+                logging.INFO if routine else logging.WARNING,
+                "%s was run before with other options (%s%s). Earlier steps used the old ones (kept in %s)%s",
+                run_dir, shown, more, kept.name,
+                "." if routine else "; to continue exactly, rerun with them, or choose another name= for a new run.",
+            )  # fmt: skip
+    path.write_text(text)
     return path
+
+
+def config_changes(before: Any, after: Any) -> list[tuple[str, Any, Any]]:
+    """(dotted key, old value, new value) for every leaf that differs between two configs (missing: None)."""
+    from omegaconf import OmegaConf
+
+    def leaves(node: Any, prefix: str = "") -> dict[str, Any]:
+        if isinstance(node, dict) and node:
+            return {k: v for key, value in node.items() for k, v in leaves(value, f"{prefix}{key}.").items()}
+        return {prefix[:-1]: node}
+
+    a = leaves(OmegaConf.to_container(before, resolve=True))
+    b = leaves(OmegaConf.to_container(after, resolve=True))
+    return [(key, a.get(key), b.get(key)) for key in sorted(a.keys() | b.keys()) if a.get(key) != b.get(key)]
 
 
 def seed_everything(seed: int) -> None:

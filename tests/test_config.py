@@ -11,7 +11,7 @@ from hydra import compose, initialize_config_dir
 
 from configs import CONFIG_DIR
 from configs.registry import Registry, UnknownNameError
-from configs.run import check_group_choices
+from configs.run import check_group_choices, config_changes, save_config
 from configs.schema import register
 
 REPO = Path(__file__).resolve().parents[1]
@@ -173,3 +173,32 @@ def test_first_line_quotes_an_errors_first_line_or_its_type() -> None:
     assert first_line(OSError("no network\nretrying...")) == "no network"
     assert first_line(RuntimeError("  \n  ")) == "RuntimeError"
     assert first_line(ValueError("x" * 500), limit=10) == "x" * 10
+
+
+def test_a_resume_with_other_options_is_reported_and_the_old_config_kept(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from omegaconf import OmegaConf
+
+    first = OmegaConf.create({"steps": 10, "data": {"reward": {"failure_return": "constant", "discount": 0.98}}})
+    save_config(first, tmp_path)
+    with caplog.at_level("INFO"):
+        save_config(first, tmp_path)  # the same options: nothing to say, nothing kept
+    assert not caplog.records and [f.name for f in tmp_path.iterdir()] == ["config.yaml"]
+
+    longer = OmegaConf.merge(first, {"steps": 20})  # routine: an info line
+    with caplog.at_level("INFO"):
+        save_config(longer, tmp_path)
+    assert [r.levelname for r in caplog.records] == ["INFO"] and "steps: 10 -> 20" in caplog.text
+    caplog.clear()
+
+    changed = OmegaConf.merge(longer, {"data": {"reward": {"failure_return": "truncated"}}, "seed": 1})
+    with caplog.at_level("INFO"):
+        save_config(changed, tmp_path)
+    assert [r.levelname for r in caplog.records] == ["WARNING"]
+    assert "data.reward.failure_return: constant -> truncated; seed: None -> 1" in caplog.text
+    assert "choose another name=" in caplog.text
+    kept = [OmegaConf.load(f) for f in tmp_path.glob("config.*.yaml")]  # each earlier start, none lost
+    assert sorted(c.steps for c in kept) == [10, 20] and {c.data.reward.failure_return for c in kept} == {"constant"}
+    assert OmegaConf.load(tmp_path / "config.yaml") == changed
+    assert config_changes(first, first) == []
