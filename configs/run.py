@@ -83,7 +83,8 @@ def new_run_dir(root: str | Path, job: str, name: str | None = None) -> Path:
     return run_dir
 
 
-# Options that only say how long a run goes on or how often it reports: changing them on a resume is routine.
+# Top-level options that only say how long a run goes on or how often it reports: changing them on a
+# resume is routine.
 ROUTINE_CHANGES = frozenset(
     {"steps", "episodes", "val_every", "val_batches", "ckpt_every", "keep_checkpoints", "log_every", "videos"}
 )
@@ -100,23 +101,24 @@ def save_config(cfg: Any, run_dir: Path, name: str = "config.yaml") -> Path:
     from omegaconf import OmegaConf
 
     path = Path(run_dir) / name
-    text = OmegaConf.to_yaml(cfg, resolve=True)
-    if path.is_file() and (old := path.read_text()) != text:
-        changes = config_changes(OmegaConf.create(old), OmegaConf.create(text))
-        if changes:
-            stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-            kept = next(k for i in itertools.count() if not (k := path.with_name(
-                f"{path.stem}.{stamp}{f'-{i}' if i else ''}{path.suffix}")).exists())  # fmt: skip
-            kept.write_text(old)
-            routine = all(key.rsplit(".", 1)[-1] in ROUTINE_CHANGES for key, _, _ in changes)
-            shown = "; ".join(f"{key}: {a} -> {b}" for key, a, b in changes[:12])
-            more = f"; and {len(changes) - 12} more" if len(changes) > 12 else ""
-            logging.getLogger(__name__).log(
-                logging.INFO if routine else logging.WARNING,
-                "%s was run before with other options (%s%s). Earlier steps used the old ones (kept in %s)%s",
-                run_dir, shown, more, kept.name,
-                "." if routine else "; to continue exactly, rerun with them, or choose another name= for a new run.",
-            )  # fmt: skip
+    text = OmegaConf.to_yaml(cfg, resolve=True)  # compared as written, so enums and paths read back alike
+    if path.is_file() and (changes := config_changes(OmegaConf.load(path), OmegaConf.create(text))):
+        stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+        kept = path.with_name(f"{path.stem}.{stamp}{path.suffix}")
+        for i in itertools.count(1):  # two reruns within a second keep both
+            if not kept.exists():
+                break
+            kept = path.with_name(f"{path.stem}.{stamp}-{i}{path.suffix}")
+        path.rename(kept)
+        routine = all(key.split(".", 1)[0] in ROUTINE_CHANGES for key, _, _ in changes)
+        shown = "; ".join(f"{key}: {old} -> {new}" for key, old, new in changes[:12])
+        more = f"; and {len(changes) - 12} more" if len(changes) > 12 else ""
+        logging.getLogger(__name__).log(
+            logging.INFO if routine else logging.WARNING,
+            "%s was run before with other options (%s%s). Earlier steps used the old ones (kept in %s)%s",
+            run_dir, shown, more, kept.name,
+            "." if routine else "; to continue exactly, rerun with them, or choose another name= for a new run.",
+        )  # fmt: skip
     path.write_text(text)
     return path
 

@@ -29,7 +29,7 @@ from omegaconf import OmegaConf
 from tqdm import tqdm
 
 from configs.errors import UserError
-from configs.run import log_file, new_run_dir, save_config
+from configs.run import config_changes, log_file, new_run_dir, save_config
 from policies.base import Policy, make_policy
 from policies.steering import ValueSteeredPolicy, build_steered_policy
 from sim.env import make_sim_env
@@ -124,17 +124,13 @@ def _check_same_run(run_dir: Path, cfg: Any) -> None:
     saved = run_dir / "config.yaml"
     if not saved.is_file() or not (run_dir / EPISODES_FILE).is_file():
         return
-    before = OmegaConf.load(saved)
     keys = ("policy", "steer", "sim", "seed", *(("steering",) if cfg.steer else ()))
-    changed = [k for k in keys if _plain(before.get(k)) != _plain(cfg.get(k))]
+    differ = {key.split(".", 1)[0] for key, _, _ in config_changes(OmegaConf.load(saved), cfg)}
+    changed = [k for k in keys if k in differ]
     if changed:
         raise UserError(
             f"{run_dir} holds results of another evaluation ({', '.join(changed)} differ); choose another name=."
         )
-
-
-def _plain(value: Any) -> Any:
-    return OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
 
 
 def _rollouts(specs: list[EpisodeSpec], policy: Policy, cfg: Any, run_dir: Path) -> None:

@@ -202,3 +202,7 @@ def test_a_resume_with_other_options_is_reported_and_the_old_config_kept(
     assert sorted(c.steps for c in kept) == [10, 20] and {c.data.reward.failure_return for c in kept} == {"constant"}
     assert OmegaConf.load(tmp_path / "config.yaml") == changed
     assert config_changes(first, first) == []
+    caplog.clear()
+    with caplog.at_level("INFO"):  # only top-level options are routine: a nested `steps` changes the math
+        save_config(OmegaConf.merge(changed, {"policy": {"steps": 5}}), tmp_path)
+    assert [r.levelname for r in caplog.records] == ["WARNING"] and "policy.steps: None -> 5" in caplog.text
