@@ -120,16 +120,16 @@ def train_policy(cfg: TrainPolicyConfig) -> Path:
         model.vision.net.to(memory_format=torch.channels_last)
     optimizer, scheduler = make_optimizer(model, cfg)
     run_dir = run_directory(dist, cfg.resume, cfg.run_root, "train_policy", cfg.name)
-    start = _resume(run_dir, model, optimizer, scheduler, device, dist.main)
-    if dist.main:
-        save_config(cfg, run_dir)
     stats = {name: p.stats for name, p in prepared.items()}
     meta = {
         "policy": cfg.policy.name, "image_size": image_size, "chunk": model.chunk,
         "normalization": cfg.data.normalization, "datasets": train.names, "instructions": train.instructions,
     }  # fmt: skip
     run = {"dir": run_dir, "stats": stats, "meta": meta, "device": device, "dist": dist}
-    with log_file(run_dir, dist.log_name):
+    with log_file(run_dir, dist.log_name):  # the resume line and a changed-options warning reach log.txt too
+        start = _resume(run_dir, model, optimizer, scheduler, device, dist.main)
+        if dist.main:
+            save_config(cfg, run_dir)
         n_params = sum(p.numel() for p in model.parameters())
         log.info(
             "run %s: %s (%.2fM parameters) on %s, %d train transitions, %d instructions, start at step %d",

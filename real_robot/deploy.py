@@ -88,8 +88,8 @@ def deploy(cfg: Any) -> list[dict[str, Any]]:
         client.stop()
         raise
     run_dir = new_run_dir(cfg.run_root, "deploy_robot", cfg.name)
-    save_config(cfg, run_dir)
     with log_file(run_dir):
+        save_config(cfg, run_dir)  # inside: a changed-options warning reaches log.txt too
         log.info("session %s: policy %s%s, %s", run_dir, cfg.policy.name, " (steered)" if cfg.steer else "",
                  "DRY RUN (observations only)" if cfg.dry_run else f"robot {client.address}")  # fmt: skip
         try:

@@ -64,8 +64,8 @@ def evaluate(cfg: Any) -> Path:
     policy = build_policy(cfg)  # fails before anything is written
     run_dir = new_run_dir(cfg.run_root, "eval_sim", cfg.name)
     _check_same_run(run_dir, cfg)
-    save_config(cfg, run_dir)
     with log_file(run_dir):
+        save_config(cfg, run_dir)  # inside: a changed-options warning reaches log.txt too
         specs = episode_specs(tasks, cfg.episodes, cfg.seed, record=lambda i: i < cfg.videos)
         done = {(r["task"], r["seed"]) for r in _existing_without_errors(run_dir)}
         todo = [s for s in specs if (s.task, s.seed) not in done]

@@ -198,10 +198,10 @@ def train_value(cfg: TrainValueConfig) -> Path:
     if use_compile(cfg.compile, device, cfg.channels_last):
         compile_encoders(agent)
     run_dir = run_directory(dist, cfg.resume, cfg.run_root, "train_value", cfg.name)
-    start = _resume(agent, run_dir, device)
-    state = {"prepared": prepared, "train": train_data, "language": language, "run_dir": run_dir}
-    save_config(cfg, run_dir) if dist.main else None
-    with log_file(run_dir, dist.log_name):
+    with log_file(run_dir, dist.log_name):  # the resume line and a changed-options warning reach log.txt too
+        start = _resume(agent, run_dir, device)
+        state = {"prepared": prepared, "train": train_data, "language": language, "run_dir": run_dir}
+        save_config(cfg, run_dir) if dist.main else None
         log.info("run %s: %s on %s, %d train / %d val transitions, %d instructions, start at step %d",
                  run_dir, cfg.value.algo, device, len(train_data), len(val_data),
                  len(train_data.instructions), start)  # fmt: skip

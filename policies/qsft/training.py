@@ -121,16 +121,16 @@ def train_qsft(cfg: TrainQSFTConfig) -> Path:
     val = build_datasets(prepared, cfg.data, "val") if cfg.val_every > 0 else None
     optimizer, scheduler = make_optimizer(model, cfg)
     run_dir = run_directory(dist, cfg.resume, cfg.run_root, "train_qsft", cfg.name)
-    start = _resume(run_dir, model, optimizer, scheduler, device, dist)
-    if dist.main:
-        save_config(cfg, run_dir)
     meta = {
         "policy": NAME, "image_size": image_size, "chunk": 1, "normalization": cfg.data.normalization,
         "datasets": train[0].names, "instructions": train[0].instructions, "gamma": cfg.gamma,
     }  # fmt: skip
     run = {"dir": run_dir, "stats": {n: p.stats for n, p in prepared.items()}, "meta": meta, "device": device,
            "dist": dist, "files": files}  # fmt: skip
-    with log_file(run_dir, dist.log_name):
+    with log_file(run_dir, dist.log_name):  # the resume line and a changed-options warning reach log.txt too
+        start = _resume(run_dir, model, optimizer, scheduler, device, dist)
+        if dist.main:
+            save_config(cfg, run_dir)
         log.info(
             "run %s: Q-SFT on a %s backbone (3 x %.2fM parameters) on %s, rank %d of %d, %d train transitions, "
             "start at step %d", run_dir, cfg.policy.model.backbone,

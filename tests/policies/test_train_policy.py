@@ -70,6 +70,7 @@ def test_kill_and_resume_equals_an_uninterrupted_run(
         assert torch.equal(a[key], b[key]), key
     half = load_file(str(ckpt(resumed, 2) / "model.safetensors"))
     assert any(not torch.equal(half[k], a[k]) for k in a)  # steps 3-4 trained
+    assert "resumed from" in (resumed / "log.txt").read_text()  # in the run's own log, not only on the console
     opt_a = torch.load(ckpt(straight, 4) / "trainer_state.pt", weights_only=False)
     opt_b = torch.load(ckpt(resumed, 4) / "trainer_state.pt", weights_only=False)
     assert opt_a["scheduler"] == opt_b["scheduler"]

@@ -72,6 +72,7 @@ def test_kill_and_resume_equals_an_uninterrupted_run(policy_data_dir: Path, tmp_
     assert all(0 <= m["train/target"] <= 1 and np.isfinite(m["train/q_loss"]) for m in logged)
     assert any("val/q_loss" in m for m in metric_lines(resumed))
     assert any((straight / "tb").iterdir()) and (straight / "log.txt").read_text()
+    assert "resumed from" in (resumed / "log.txt").read_text()
 
 
 def test_checkpoint_acts_and_scores(policy_data_dir: Path, tmp_path: Path) -> None:

@@ -50,6 +50,8 @@ def test_resume_is_exact(sim_data_dir: Path, tmp_path: Path) -> None:
     assert opt_a["step"] == opt_b["step"] == 4
     for sa, sb in zip(opt_a["optimizer"]["state"].values(), opt_b["optimizer"]["state"].values(), strict=True):
         assert torch.equal(sa["exp_avg"], sb["exp_avg"]) and torch.equal(sa["exp_avg_sq"], sb["exp_avg_sq"])
+    log = (resumed / "log.txt").read_text()  # the resume and its longer run are in the run's own log
+    assert "resumed from" in log and "step_000000002" in log and "steps: 2 -> 4" in log
     # and training actually changed the weights
     first = final_state(resumed, 2)
     assert any(not torch.equal(first[k], a[k]) for k in a if k.startswith("critic."))
