@@ -101,8 +101,7 @@ def save_config(cfg: Any, run_dir: Path, name: str = "config.yaml") -> Path:
     from omegaconf import OmegaConf
 
     path = Path(run_dir) / name
-    text = OmegaConf.to_yaml(cfg, resolve=True)  # compared as written, so enums and paths read back alike
-    if path.is_file() and (changes := config_changes(OmegaConf.load(path), OmegaConf.create(text))):
+    if path.is_file() and (changes := config_changes(OmegaConf.load(path), cfg)):
         stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
         kept = path.with_name(f"{path.stem}.{stamp}{path.suffix}")
         for i in itertools.count(1):  # two reruns within a second keep both
@@ -119,21 +118,27 @@ def save_config(cfg: Any, run_dir: Path, name: str = "config.yaml") -> Path:
             run_dir, shown, more, kept.name,
             "." if routine else "; to continue exactly, rerun with them, or choose another name= for a new run.",
         )  # fmt: skip
-    path.write_text(text)
+    path.write_text(OmegaConf.to_yaml(cfg, resolve=True))
     return path
 
 
 def config_changes(before: Any, after: Any) -> list[tuple[str, Any, Any]]:
-    """(dotted key, old value, new value) for every leaf that differs between two configs (missing: None)."""
+    """(dotted key, old value, new value) for every leaf that differs between two configs (missing: None).
+
+    Both are compared in their written (yaml) form, so a live config's enums and paths equal what a saved
+    `config.yaml` reads back as.
+    """
     from omegaconf import OmegaConf
+
+    def written(cfg: Any) -> Any:
+        return OmegaConf.to_container(OmegaConf.create(OmegaConf.to_yaml(cfg, resolve=True)))
 
     def leaves(node: Any, prefix: str = "") -> dict[str, Any]:
         if isinstance(node, dict) and node:
             return {k: v for key, value in node.items() for k, v in leaves(value, f"{prefix}{key}.").items()}
         return {prefix[:-1]: node}
 
-    a = leaves(OmegaConf.to_container(before, resolve=True))
-    b = leaves(OmegaConf.to_container(after, resolve=True))
+    a, b = leaves(written(before)), leaves(written(after))
     return [(key, a.get(key), b.get(key)) for key in sorted(a.keys() | b.keys()) if a.get(key) != b.get(key)]
 
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import enum
 import subprocess
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -206,3 +208,27 @@ def test_a_resume_with_other_options_is_reported_and_the_old_config_kept(
     with caplog.at_level("INFO"):  # only top-level options are routine: a nested `steps` changes the math
         save_config(OmegaConf.merge(changed, {"policy": {"steps": 5}}), tmp_path)
     assert [r.levelname for r in caplog.records] == ["WARNING"] and "policy.steps: None -> 5" in caplog.text
+
+
+class _Mode(enum.Enum):
+    FAST = 1
+
+
+@dataclass
+class _Node:
+    mode: _Mode = _Mode.FAST
+    where: Path = Path("runs/x")
+    ks: list[int] = field(default_factory=lambda: [1, 10])
+
+
+def test_a_live_config_equals_its_saved_yaml(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Enums and paths of a structured config read back from config.yaml as strings: no change, no warning."""
+    from omegaconf import OmegaConf
+
+    live = OmegaConf.structured(_Node)
+    save_config(live, tmp_path)
+    assert config_changes(OmegaConf.load(tmp_path / "config.yaml"), live) == []
+    with caplog.at_level("INFO"):
+        save_config(live, tmp_path)
+    assert not caplog.records and [f.name for f in tmp_path.iterdir()] == ["config.yaml"]
+    assert config_changes(live, OmegaConf.merge(live, {"ks": [1, 50]})) == [("ks", [1, 10], [1, 50])]
