@@ -195,6 +195,7 @@ class QSFTModel(nn.Module):
         self.behaviour_frozen = False
         # BatchNorm or dropout in pi_phi (adapters included: LoRA goes on before the copies): looked up once
         self.pi_mode_dependent = _mode_dependent(pi)
+        self.q_mode_dependent = _mode_dependent(self.q)
 
     @classmethod
     def create(cls, cfg: Any, image_size: int) -> QSFTModel:
@@ -243,7 +244,9 @@ class QSFTModel(nn.Module):
 
         backup="double": the next token is chosen by p_theta (inside the action from its own logits
         of (s_t, a_t); at the boundary one more forward of it over the prefix of s_{t+1}, no gradient)
-        and valued by the target (`double_ratio`).
+        and valued by the target (`double_ratio`). A p_theta with BatchNorm or dropout chooses from one
+        eval-mode pass over both states instead, made before its training pass: the values it chooses
+        among are eval-mode ones, and its running statistics move once per step, as with backup="max".
 
         backup="mc" is a diagnostic, not Q-SFT: every token's target is the transition's Monte-Carlo
         return (`mc_return`, in [0, 1]), no bootstrapping and no target network, so p_theta learns
@@ -259,6 +262,11 @@ class QSFTModel(nn.Module):
         both = batch["image"] if mc else torch.cat([batch["image"], batch["next_image"]])
         instructions = list(batch["instruction"]) * (1 if mc else 2)
         inputs = ids[:, :-1] if mc else ids[:, :-1].repeat(2, 1)
+        online_logits = None
+        if backup == "double" and self.q.training and self.q_mode_dependent:
+            with torch.no_grad(), _eval_mode(self.q):
+                q_both = self.q.action_logits(self.q.prefix(both, instructions), inputs)
+            online_logits = torch.cat([q_both[:B, 1:], q_both[B:, :1]], dim=1)
         q_logits = self.q.action_logits(self.q.prefix(batch["image"], batch["instruction"]), ids[:, :-1])
         eval_values = None
         if not mc and self.pi.training and self.pi_mode_dependent:
@@ -298,10 +306,12 @@ class QSFTModel(nn.Module):
                 log_pi = torch.cat([pi_values[:, 1:].detach(), pi_next], dim=1).log_softmax(-1)
                 after = [torch.cat([target[:B, 1:], target[B:, :1]], dim=1), log_pi]
                 if backup == "double":
-                    # p_theta at s_{t+1}'s first token: the logits after its prefix, no action tokens
-                    next_q = self.q.action_logits(self.q.prefix(batch["next_image"], batch["instruction"]), ids[:, :0])
-                    online = log_q(torch.cat([q_logits[:, 1:].detach(), next_q], dim=1), self.labels)
-                    ratio, support = double_ratio(*after, online, floor)
+                    if online_logits is None:  # p_theta at s_{t+1}'s first token: the row after its prefix alone
+                        next_q = self.q.action_logits(
+                            self.q.prefix(batch["next_image"], batch["instruction"]), ids[:, :0]
+                        )
+                        online_logits = torch.cat([q_logits[:, 1:].detach(), next_q], dim=1)
+                    ratio, support = double_ratio(*after, log_q(online_logits, self.labels), floor)
                 else:
                     ratio, support = max_ratio(*after, floor)
                 y, raw = token_targets(batch["reward"].float(), batch["terminal"].float(), ratio, gamma)

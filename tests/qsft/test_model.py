@@ -323,11 +323,9 @@ def test_selection_diagnostic_rules_and_statistics(model: QSFTModel) -> None:
     assert set(summary["qsft"]) == {"entropy", "p_top", "p_data", "reweight_auc"} and "tv_to_qsft" in summary["pi"]
 
 
-def test_a_batchnorm_pi_phi_gives_the_backup_its_eval_mode_values() -> None:
-    """The target runs in eval mode, so pi_phi's values in the backup's ratio must too: with BatchNorm (a
-    ResNet vision encoder), train-mode batch statistics gave a ratio above 1 where the weights are equal.
-    A frozen pi_phi stays in eval mode and its statistics never move."""
-    from policies.qsft.qsft import QSFTModel
+def batchnorm_model() -> QSFTModel:
+    """A Q-SFT model on a ResNet vision encoder (BatchNorm) whose running statistics differ from any one
+    batch's: pi_phi, p_theta and the target are three equal copies."""
     from tests.policies.conftest import IMAGE_SIZE
     from tests.qsft.helpers import qsft_config
 
@@ -335,13 +333,25 @@ def test_a_batchnorm_pi_phi_gives_the_backup_its_eval_mode_values() -> None:
     cfg = qsft_config("policy.model.vla.vision.arch=resnet10t")
     cfg.policy.model.vla.vision.kwargs = {}  # drop the tiny ViT's options (img_size, depth, ...): a ResNet takes none
     m = QSFTModel.create(cfg.policy.model, IMAGE_SIZE)
-    assert m.pi_mode_dependent and not tiny_qsft_model(0).pi_mode_dependent  # ResNet: BatchNorm; tiny ViT: neither
-    with torch.no_grad():  # running statistics that differ from any one batch's, then three equal copies
+    with torch.no_grad():
         m.pi.train()
         for seed in range(3):
             m.pi.prefix(images(8, 50 + seed).float().mul(0.5).to(torch.uint8), INSTRUCTIONS * 2)
         m.q.load_state_dict(m.pi.state_dict())
         m.q_target.load_state_dict(m.pi.state_dict())
+    return m
+
+
+def running_statistics(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in module.state_dict().items() if "running" in k or "num_batches" in k}
+
+
+def test_a_batchnorm_pi_phi_gives_the_backup_its_eval_mode_values() -> None:
+    """The target runs in eval mode, so pi_phi's values in the backup's ratio must too: with BatchNorm (a
+    ResNet vision encoder), train-mode batch statistics gave a ratio above 1 where the weights are equal.
+    A frozen pi_phi stays in eval mode and its statistics never move."""
+    m = batchnorm_model()
+    assert m.pi_mode_dependent and not tiny_qsft_model(0).pi_mode_dependent  # ResNet: BatchNorm; tiny ViT: neither
     data = batch()
     m.eval()
     with torch.no_grad():
@@ -357,7 +367,34 @@ def test_a_batchnorm_pi_phi_gives_the_backup_its_eval_mode_values() -> None:
         reference = m.eval().losses(data, 0.9, 0.01, train_behaviour=False)[2]
     m.train()
     assert not m.pi.training and m.q.training and not m.q_target.training
-    before = {k: v.clone() for k, v in m.pi.state_dict().items() if "running" in k}
+    before = running_statistics(m.pi)
     frozen = m.losses(data, 0.9, 0.01, train_behaviour=False)[2]
     assert before and all(torch.equal(v, m.pi.state_dict()[k]) for k, v in before.items())
     torch.testing.assert_close(frozen["target"], reference["target"], rtol=1e-5, atol=1e-6)
+
+
+def test_a_batchnorm_p_theta_chooses_the_double_backup_token_in_eval_mode() -> None:
+    """backup=double with BatchNorm in p_theta: the online choice reads eval-mode values, as the target's
+    and pi_phi's are (the targets equal an eval-mode step's), and p_theta's running statistics move once,
+    with its training pass, as under backup=max (an extra train-mode forward over s' moved them twice)."""
+    import copy
+
+    m = batchnorm_model()
+    m.q.load_state_dict(m.pi.state_dict())  # (batchnorm_model's copies) then a p_theta unlike the other two
+    with torch.no_grad():
+        for p in m.q.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    assert m.q_mode_dependent
+    m.freeze_behaviour()
+    data = batch()
+    with torch.no_grad():
+        reference = m.eval().losses(data, 0.9, 0.01, train_behaviour=False, backup="double")[2]
+    twin = copy.deepcopy(m).train()
+    m.train()
+    double = m.losses(data, 0.9, 0.01, train_behaviour=False, backup="double")[2]
+    for name in ("target", "target_last", "target_clipped", "ratio_support"):
+        torch.testing.assert_close(double[name], reference[name], rtol=1e-5, atol=1e-6)
+    twin.losses(data, 0.9, 0.01, train_behaviour=False, backup="max")
+    after, expected = running_statistics(m.q), running_statistics(twin.q)
+    assert after and all(torch.equal(v, expected[k]) for k, v in after.items())
+    assert any(not torch.equal(v, running_statistics(m.q_target)[k]) for k, v in after.items())  # they did move
