@@ -124,7 +124,8 @@ class TrainQSFTConfig:
     pi_floor: float = 1e-4
     # Q targets: "max" = Q-SFT's bootstrapped backup above; "double" = the same with double Q-learning
     # (p_theta picks the next token, the target p_thetabar values it; one more prefix forward of
-    # p_theta per step; on Lift it picked the same tokens as max, docs/qsft.md); "mc" = a diagnostic
+    # p_theta per step, an eval-mode pass over s and s' if it has BatchNorm or dropout; on Lift it
+    # picked the same tokens as max, docs/qsft.md); "mc" = a diagnostic
     # that regresses p_theta on the data's Monte-Carlo returns instead (behaviour Q, no bootstrapping; needs
     # data.reward.success_reward=1 data.reward.step_reward=0 data.reward.discount=<gamma>).
     backup: str = "max"

@@ -380,8 +380,7 @@ def test_a_batchnorm_p_theta_chooses_the_double_backup_token_in_eval_mode() -> N
     import copy
 
     m = batchnorm_model()
-    m.q.load_state_dict(m.pi.state_dict())  # (batchnorm_model's copies) then a p_theta unlike the other two
-    with torch.no_grad():
+    with torch.no_grad():  # a p_theta unlike pi_phi and the target
         for p in m.q.parameters():
             p.add_(0.05 * torch.randn_like(p))
     assert m.q_mode_dependent
