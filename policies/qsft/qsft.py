@@ -173,6 +173,13 @@ def _eval_mode(module: nn.Module) -> Iterator[None]:
         module.train(was)
 
 
+@torch.no_grad()
+def _eval_logits(model: Backbone, images: torch.Tensor, instructions: list[str], inputs: torch.Tensor) -> torch.Tensor:
+    """`model`'s action logits in eval mode, no gradient; its mode (and BatchNorm statistics) left as they were."""
+    with _eval_mode(model):
+        return model.action_logits(model.prefix(images, instructions), inputs)
+
+
 # --- the model -----------------------------------------------------------------------------------
 
 
@@ -264,8 +271,7 @@ class QSFTModel(nn.Module):
         inputs = ids[:, :-1] if mc else ids[:, :-1].repeat(2, 1)
         online_logits = None
         if backup == "double" and self.q.training and self.q_mode_dependent:
-            with torch.no_grad(), _eval_mode(self.q):
-                q_both = self.q.action_logits(self.q.prefix(both, instructions), inputs)
+            q_both = _eval_logits(self.q, both, instructions, inputs)
             online_logits = torch.cat([q_both[:B, 1:], q_both[B:, :1]], dim=1)
         q_logits = self.q.action_logits(self.q.prefix(batch["image"], batch["instruction"]), ids[:, :-1])
         eval_values = None
@@ -274,8 +280,7 @@ class QSFTModel(nn.Module):
             # pi_phi with BatchNorm would use the batch's statistics (a ratio ~1.008 per token where the
             # weights are equal, which the max picks up) or dropout: its values come from an eval pass,
             # before its training pass moves the running statistics.
-            with torch.no_grad(), _eval_mode(self.pi):
-                pi_both = self.pi.action_logits(self.pi.prefix(both, instructions), inputs)[..., 1:]
+            pi_both = _eval_logits(self.pi, both, instructions, inputs)[..., 1:]
             eval_values = pi_both[:B], pi_both[B:, :1]
         with torch.set_grad_enabled(train_behaviour and torch.is_grad_enabled()):
             if mc or not torch.is_grad_enabled():  # one pass over s_t and s_{t+1} (2B rows; B for mc)
