@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import itertools
+import json
 import logging
 import random
 import sys
@@ -140,6 +141,53 @@ def config_changes(before: Any, after: Any) -> list[tuple[str, Any, Any]]:
 
     a, b = leaves(written(before)), leaves(written(after))
     return [(key, a.get(key), b.get(key)) for key in sorted(a.keys() | b.keys()) if a.get(key) != b.get(key)]
+
+
+ENVIRONMENT_FILE = "environment.json"
+
+
+def numerics(device: Any, world: int = 1) -> dict[str, Any]:
+    """What sets a training run's float arithmetic besides its options and seed: the torch release, the
+    device, and on the CPU its vector instructions and thread count (float sums are split over the
+    threads: one thread and two give different weights after the first steps), and the number of ranks."""
+    import torch
+
+    env: dict[str, Any] = {"torch": torch.__version__, "world_size": int(world)}
+    if torch.device(device).type == "cuda":
+        env.update(device=torch.cuda.get_device_name(device), cuda=torch.version.cuda,
+                   cudnn=torch.backends.cudnn.version())  # fmt: skip
+    else:
+        env.update(device=str(device), cpu_capability=torch.backends.cpu.get_cpu_capability(),
+                   threads=torch.get_num_threads())  # fmt: skip
+    return env
+
+
+def record_environment(run_dir: Path, step: int, device: Any, world: int = 1) -> dict[str, Any]:
+    """Append this start's `numerics` to `run_dir/environment.json` (one entry per start, with its step).
+
+    A resume whose numerics differ from the last start's warns: the run goes on correctly, but the steps
+    from here will not repeat an uninterrupted run bit for bit. Returns this start's entry.
+    """
+    path = Path(run_dir) / ENVIRONMENT_FILE
+    try:
+        history = json.loads(path.read_text()) if path.is_file() else []
+    except ValueError:  # an unreadable record is replaced, never a reason to stop training
+        logging.getLogger(__name__).warning("%s is not JSON; starting a new record", path)
+        history = []
+    entry = {"step": int(step), "time": datetime.now().isoformat(timespec="seconds"), **numerics(device, world)}
+    if step > 0 and history:
+        before = {k: v for k, v in history[-1].items() if k not in ("step", "time")}
+        now = {k: v for k, v in entry.items() if k not in ("step", "time")}
+        changes = [(k, before.get(k), now.get(k)) for k in sorted(before | now) if before.get(k) != now.get(k)]
+        if changes:
+            logging.getLogger(__name__).warning(
+                "%s ran up to step %d with other numerics than this process (%s). Float sums depend on them, "
+                "so the steps from here will not repeat an uninterrupted run bit for bit (training itself is "
+                "unaffected). To resume exactly, run where it ran (OMP_NUM_THREADS=<n> sets the CPU threads).",
+                run_dir, step, "; ".join(f"{k}: {old} -> {new}" for k, old, new in changes),
+            )  # fmt: skip
+    path.write_text(json.dumps([*history, entry], indent=1) + "\n")
+    return entry
 
 
 def seed_everything(seed: int) -> None:

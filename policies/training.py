@@ -35,7 +35,7 @@ from configs.distributed import (
     start_training,
 )
 from configs.errors import UserError
-from configs.run import log_file, save_config, tensorboard_writer
+from configs.run import log_file, record_environment, save_config, tensorboard_writer
 from data.loader import MixtureDataset, build_datasets, make_loader
 from data.prepare import prepare_data
 from policies import flow, vla  # noqa: F401 - register the models
@@ -130,6 +130,7 @@ def train_policy(cfg: TrainPolicyConfig) -> Path:
         start = _resume(run_dir, model, optimizer, scheduler, device, dist.main)
         if dist.main:
             save_config(cfg, run_dir)
+            record_environment(run_dir, start, device, dist.world)
         n_params = sum(p.numel() for p in model.parameters())
         log.info(
             "run %s: %s (%.2fM parameters) on %s, %d train transitions, %d instructions, start at step %d",

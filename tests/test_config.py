@@ -13,7 +13,7 @@ from hydra import compose, initialize_config_dir
 
 from configs import CONFIG_DIR
 from configs.registry import Registry, UnknownNameError
-from configs.run import check_group_choices, config_changes, save_config
+from configs.run import check_group_choices, config_changes, record_environment, save_config
 from configs.schema import register
 
 REPO = Path(__file__).resolve().parents[1]
@@ -208,6 +208,41 @@ def test_a_resume_with_other_options_is_reported_and_the_old_config_kept(
     with caplog.at_level("INFO"):  # only top-level options are routine: a nested `steps` changes the math
         save_config(OmegaConf.merge(changed, {"policy": {"steps": 5}}), tmp_path)
     assert [r.levelname for r in caplog.records] == ["WARNING"] and "policy.steps: None -> 5" in caplog.text
+
+
+def test_each_start_records_its_numerics_and_a_resume_with_other_ones_warns(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One CPU thread and two give different weights (float sums split over threads): a resume that changes
+    the thread count, the CPU's instructions, the device, torch or the ranks says the run stops being exact."""
+    import json
+
+    import torch
+
+    path = tmp_path / "environment.json"
+    with caplog.at_level("INFO"):
+        first = record_environment(tmp_path, 0, "cpu")
+        record_environment(tmp_path, 0, "cpu")  # a rerun from scratch (killed before any checkpoint)
+        record_environment(tmp_path, 2, "cpu")  # an exact resume: the same numerics
+    assert not caplog.records
+    assert first["threads"] == torch.get_num_threads() and first["torch"] == torch.__version__
+    assert first["device"] == "cpu" and first["world_size"] == 1 and first["cpu_capability"]
+    assert [e["step"] for e in json.loads(path.read_text())] == [0, 0, 2]
+
+    threads = torch.get_num_threads()
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads + 3)
+    with caplog.at_level("INFO"):
+        record_environment(tmp_path, 4, "cpu", world=2)
+    assert [r.levelname for r in caplog.records] == ["WARNING"]
+    assert f"threads: {threads} -> {threads + 3}; world_size: 1 -> 2" in caplog.text
+    assert "up to step 4" in caplog.text and "OMP_NUM_THREADS" in caplog.text
+    history = json.loads(path.read_text())
+    assert [(e["step"], e["threads"], e["world_size"]) for e in history][-1] == (4, threads + 3, 2)
+    caplog.clear()
+    path.write_text("{ not json")  # a damaged record is replaced, training goes on
+    with caplog.at_level("INFO"):
+        record_environment(tmp_path, 6, "cpu")
+    assert "not JSON" in caplog.text and [e["step"] for e in json.loads(path.read_text())] == [6]
 
 
 class _Mode(enum.Enum):

@@ -23,7 +23,7 @@ from configs.checkpoint import latest_checkpoint, load_checkpoint, prune_checkpo
 from configs.distributed import Distributed, gather_lists, main_first, mean_over_ranks, run_directory, start_training
 from configs.errors import UserError, first_line
 from configs.registry import Registry
-from configs.run import log_file, save_config, tensorboard_writer
+from configs.run import log_file, record_environment, save_config, tensorboard_writer
 from data.augment import augment_pair
 from data.loader import MixtureDataset, build_datasets, make_loader
 from data.prepare import prepare_data
@@ -201,7 +201,9 @@ def train_value(cfg: TrainValueConfig) -> Path:
     with log_file(run_dir, dist.log_name):  # the resume line and a changed-options warning reach log.txt too
         start = _resume(agent, run_dir, device)
         state = {"prepared": prepared, "train": train_data, "language": language, "run_dir": run_dir}
-        save_config(cfg, run_dir) if dist.main else None
+        if dist.main:
+            save_config(cfg, run_dir)
+            record_environment(run_dir, start, device, dist.world)
         log.info("run %s: %s on %s, %d train / %d val transitions, %d instructions, start at step %d",
                  run_dir, cfg.value.algo, device, len(train_data), len(val_data),
                  len(train_data.instructions), start)  # fmt: skip

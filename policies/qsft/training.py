@@ -23,7 +23,7 @@ from torch import nn
 from configs.checkpoint import latest_checkpoint, load_checkpoint, prune_checkpoints, resuming
 from configs.distributed import Distributed, main_first, mean_over_ranks, run_directory, start_training
 from configs.errors import UserError
-from configs.run import log_file, save_config
+from configs.run import log_file, record_environment, save_config
 from data.loader import build_datasets, make_loader
 from data.prepare import prepare_data
 from policies.config import VLAModelConfig
@@ -131,6 +131,7 @@ def train_qsft(cfg: TrainQSFTConfig) -> Path:
         start = _resume(run_dir, model, optimizer, scheduler, device, dist)
         if dist.main:
             save_config(cfg, run_dir)
+            record_environment(run_dir, start, device, dist.world)
         log.info(
             "run %s: Q-SFT on a %s backbone (3 x %.2fM parameters) on %s, rank %d of %d, %d train transitions, "
             "start at step %d", run_dir, cfg.policy.model.backbone,

@@ -71,6 +71,8 @@ def test_kill_and_resume_equals_an_uninterrupted_run(
     half = load_file(str(ckpt(resumed, 2) / "model.safetensors"))
     assert any(not torch.equal(half[k], a[k]) for k in a)  # steps 3-4 trained
     assert "resumed from" in (resumed / "log.txt").read_text()  # in the run's own log, not only on the console
+    started = json.loads((resumed / "environment.json").read_text())  # each start with its numerics
+    assert [e["step"] for e in started] == [0, 2] and started[0]["threads"] == torch.get_num_threads()
     opt_a = torch.load(ckpt(straight, 4) / "trainer_state.pt", weights_only=False)
     opt_b = torch.load(ckpt(resumed, 4) / "trainer_state.pt", weights_only=False)
     assert opt_a["scheduler"] == opt_b["scheduler"]

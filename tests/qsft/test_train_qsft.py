@@ -73,6 +73,7 @@ def test_kill_and_resume_equals_an_uninterrupted_run(policy_data_dir: Path, tmp_
     assert any("val/q_loss" in m for m in metric_lines(resumed))
     assert any((straight / "tb").iterdir()) and (straight / "log.txt").read_text()
     assert "resumed from" in (resumed / "log.txt").read_text()
+    assert [e["step"] for e in json.loads((resumed / "environment.json").read_text())] == [0, 2]
 
 
 def test_checkpoint_acts_and_scores(policy_data_dir: Path, tmp_path: Path) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -52,6 +53,8 @@ def test_resume_is_exact(sim_data_dir: Path, tmp_path: Path) -> None:
         assert torch.equal(sa["exp_avg"], sb["exp_avg"]) and torch.equal(sa["exp_avg_sq"], sb["exp_avg_sq"])
     log = (resumed / "log.txt").read_text()  # the resume and its longer run are in the run's own log
     assert "resumed from" in log and "step_000000002" in log and "steps: 2 -> 4" in log
+    assert "numerics" not in log  # the same machine: nothing to warn about
+    assert [e["step"] for e in json.loads((resumed / "environment.json").read_text())] == [0, 2]
     # and training actually changed the weights
     first = final_state(resumed, 2)
     assert any(not torch.equal(first[k], a[k]) for k in a if k.startswith("critic."))
