@@ -139,7 +139,11 @@ def config_changes(before: Any, after: Any) -> list[tuple[str, Any, Any]]:
             return {k: v for key, value in node.items() for k, v in leaves(value, f"{prefix}{key}.").items()}
         return {prefix[:-1]: node}
 
-    a, b = leaves(written(before)), leaves(written(after))
+    return dict_changes(leaves(written(before)), leaves(written(after)))
+
+
+def dict_changes(a: dict[str, Any], b: dict[str, Any]) -> list[tuple[str, Any, Any]]:
+    """(key, old value, new value) for every key whose value differs between two flat dicts (missing: None)."""
     return [(key, a.get(key), b.get(key)) for key in sorted(a.keys() | b.keys()) if a.get(key) != b.get(key)]
 
 
@@ -176,10 +180,9 @@ def record_environment(run_dir: Path, step: int, device: Any, world: int = 1) ->
         history = []
     entry = {"step": int(step), "time": datetime.now().isoformat(timespec="seconds"), **numerics(device, world)}
     if step > 0 and history:
-        before = {k: v for k, v in history[-1].items() if k not in ("step", "time")}
-        now = {k: v for k, v in entry.items() if k not in ("step", "time")}
-        changes = [(k, before.get(k), now.get(k)) for k in sorted(before | now) if before.get(k) != now.get(k)]
-        if changes:
+        numbers = ("step", "time")  # what every start differs in
+        before = {k: v for k, v in history[-1].items() if k not in numbers}
+        if changes := dict_changes(before, {k: v for k, v in entry.items() if k not in numbers}):
             logging.getLogger(__name__).warning(
                 "%s ran up to step %d with other numerics than this process (%s). Float sums depend on them, "
                 "so the steps from here will not repeat an uninterrupted run bit for bit (training itself is "
