@@ -86,10 +86,14 @@ def main() -> None:
     rng = np.random.default_rng(args.seed)
     idx = np.sort(rng.choice(len(val), min(args.frames, len(val)), replace=False))
     frames = val.__getitems__(list(idx))
+    # the policies read no state; a critic trained with value.proprio does: the batch's normalised state mapped
+    # back (the critic clips it to the same bounds again, so it sees exactly the batch's value)
+    states_of = getattr(steered.critic, "state_normalizer", None)
+    states = states_of.unnormalize(frames["state"].numpy()) if states_of else np.zeros((len(idx), 7), np.float32)
     shifts, corrs, sds, spreads = [], [], [], []
     for start in range(0, len(idx), args.batch):
         rows = list(range(start, min(start + args.batch, len(idx))))
-        obs = [{"image_primary": frames["image"][i].numpy(), "state": np.zeros(7, np.float32),
+        obs = [{"image_primary": frames["image"][i].numpy(), "state": states[i],
                 "instruction": frames["instruction"][i]} for i in rows]  # fmt: skip
         for slot, i in enumerate(rows):
             steered.reset(frames["instruction"][i], slot=slot)

@@ -116,7 +116,8 @@ def held_out(run: str, val_fraction: float | None = None) -> tuple[Path, dict, M
         for dataset in data_cfg.datasets.values():
             dataset.val_fraction = val_fraction
     prepared = prepare_data(data_cfg)
-    return ckpt, prepared, build_datasets(prepared, data_cfg, "val")[0]
+    proprio = bool(saved.get("value", {}).get("proprio", False))  # a critic that reads the state (value.proprio)
+    return ckpt, prepared, build_datasets(prepared, data_cfg, "val", proprio=proprio)[0]
 
 
 def is_qsft(ckpt: Path) -> bool:
@@ -128,7 +129,7 @@ def critic_scorer(ckpt: Path, params: str, prepared: dict, val: MixtureDataset) 
     """batch -> Q of its dataset actions: target (or online) parameters, min over the ensemble, as steering."""
     scorer = load_critic(ckpt, params=params, dataset=next(iter(prepared)))
     lang = scorer.language.table(val.instructions)
-    return lambda b: scorer.q(b["image"], lang[b["instruction_id"]], b["action"]).min(0).values
+    return lambda b: scorer.q(b["image"], lang[b["instruction_id"]], b["action"], b.get("state")).min(0).values
 
 
 def qsft_scorer(ckpt: Path, mode: str) -> Callable[[dict], torch.Tensor]:

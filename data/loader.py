@@ -4,6 +4,8 @@ A batch (DESIGN.md "Transition batch"), B transitions, torch tensors:
 
     image, next_image       uint8 (B, H, W, 3)        (+ image_wrist, next_image_wrist if kept)
     action                  float32 (B, 7)            normalised with the dataset's own statistics
+    state, next_state       float32 (B, 7)            (if asked for: value.proprio) the observation
+                                                      states of s and s', normalised ("proprio" stats)
     reward, terminal        float32 (B,)              terminal is 0. / 1.
     mc_return               float32 (B,)
     instruction_id          int64 (B,)                index into `dataset.instructions`
@@ -52,6 +54,7 @@ class TransitionDataset(Dataset):
         vocab: dict[str, int] | None = None,
         cameras: Sequence[str] = ("image_primary",),
         action_horizon: int = 1,
+        state_normalizer: ActionNormalizer | None = None,
     ) -> None:
         self.store, self.cameras, self.horizon = store, tuple(cameras), action_horizon
         keep = np.ones(store.num_episodes, bool) if episodes is None else np.asarray(episodes, bool)
@@ -71,6 +74,8 @@ class TransitionDataset(Dataset):
         self._all_actions = normalizer.normalize(np.nan_to_num(store.action)).astype(np.float32)
         self._all_actions[~np.isfinite(store.action[:, 0])] = np.nan
         self.action = self._all_actions[self.frame]
+        # with a state normaliser (value.proprio): batches carry `state` and `next_state`, normalised
+        self._states = None if state_normalizer is None else state_normalizer.normalize(store.state).astype(np.float32)
         vocab = vocab if vocab is not None else {}
         for text in np.unique(store.ep_instruction[ep]):
             vocab.setdefault(str(text), len(vocab))
@@ -93,6 +98,9 @@ class TransitionDataset(Dataset):
             batch[key] = torch.from_numpy(self.store.read_images(cam, frames))
             batch[f"next_{key}"] = torch.from_numpy(self.store.read_images(cam, frames + 1))
         batch["action"] = torch.from_numpy(self.action[idx])
+        if self._states is not None:
+            batch["state"] = torch.from_numpy(self._states[frames])
+            batch["next_state"] = torch.from_numpy(self._states[frames + 1])
         if self.horizon > 1:
             batch.update(self._chunks(frames))
         batch["reward"] = torch.from_numpy(self.reward[idx])
@@ -287,12 +295,14 @@ def held_out(keys: np.ndarray, fraction: float) -> np.ndarray:
 
 
 def build_datasets(
-    prepared: dict[str, PreparedDataset], data: DataConfig, split: str = "train", action_horizon: int = 1
-) -> tuple[MixtureDataset, list[float]]:
+    prepared: dict[str, PreparedDataset], data: DataConfig, split: str = "train", action_horizon: int = 1,
+    proprio: bool = False,
+) -> tuple[MixtureDataset, list[float]]:  # fmt: skip
     """The mixture of `split` ("train" or "val") over every dataset of the config, and its weights.
 
     Validation uses the dataset's own val split when it has one, else the held-out episodes of its
-    train split (`val_fraction`). Each dataset is normalised with its own statistics.
+    train split (`val_fraction`). Each dataset is normalised with its own statistics; `proprio`: its
+    batches also carry the normalised `state` and `next_state`.
     """
     vocab: dict[str, int] = {}
     parts, names, weights = [], [], []
@@ -311,7 +321,8 @@ def build_datasets(
                 f"episodes none fell in the {split} split. Use more episodes (a few dozen at least), or another "
                 "val_fraction."
             )
-        parts.append(TransitionDataset(store, normalizer, data.reward, episodes, vocab, cams, action_horizon))
+        states = ActionNormalizer(p.stats, data.normalization, f"{name} statistics", key="proprio") if proprio else None
+        parts.append(TransitionDataset(store, normalizer, data.reward, episodes, vocab, cams, action_horizon, states))
         names.append(name)
         weights.append(p.config.weight)
     return MixtureDataset(parts, names), weights

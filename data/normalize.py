@@ -79,16 +79,20 @@ def load_statistics(path: str | Path) -> dict[str, Any]:
 class ActionNormalizer:
     """Maps canonical actions to the normalised actions networks see, and back.
 
-    Works on NumPy arrays and torch tensors of shape (..., 7).
+    Works on NumPy arrays and torch tensors of shape (..., 7). `key="proprio"` normalises the
+    observation state with its own statistics instead, all seven dimensions (the state's gripper is a
+    finger opening, not the action's 0 / 1 command), in the same mode.
     """
 
-    def __init__(self, stats: dict[str, Any], mode: str = "bounds_q99", source: str = "statistics") -> None:
+    def __init__(
+        self, stats: dict[str, Any], mode: str = "bounds_q99", source: str = "statistics", key: str = "action"
+    ) -> None:
         if mode not in MODES:
             raise UserError(f"Unknown normalisation mode {mode!r}; known: {', '.join(MODES)}.")
         self.mode = mode
         self.stats = stats
-        action = _require(stats, "action", source)
-        mask = np.asarray(action.get("mask", ACTION_MASK), dtype=bool)
+        action = _require(stats, key, source)
+        mask = np.asarray(action.get("mask", ACTION_MASK if key == "action" else (True,) * 7), dtype=bool)
         if mode == "normal":
             low, high = _require(action, "mean", source), _require(action, "std", source)
             self._shift, self._scale = np.asarray(low), np.asarray(high) + 1e-8

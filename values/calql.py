@@ -24,7 +24,7 @@ import torch
 
 from values.agent import UNIFORM_LOG_DENSITY, Agent, uniform_actions
 from values.config import ValueConfig
-from values.networks import Actor, Critic, FiLMResNet, soft_update
+from values.networks import Actor, Critic, soft_update, value_encoder
 
 # --- loss math --------------------------------------------------------------------------------
 
@@ -91,10 +91,10 @@ class CalQLAgent(Agent):
         self, cfg: ValueConfig, lang_dim: int, discount: float, seed: int, channels_last: bool = False
     ) -> None:
         super().__init__(cfg, discount, seed)
-        self.critic = Critic(FiLMResNet(cfg.encoder, lang_dim, channels_last), cfg.hidden, cfg.ensemble)
+        self.critic = Critic(value_encoder(cfg, lang_dim, channels_last), cfg.hidden, cfg.ensemble)
         self.target = copy.deepcopy(self.critic).requires_grad_(False)
         self.shared = cfg.actor_encoder == "critic"  # the actor reads the critic's embeddings
-        encoder = None if self.shared else FiLMResNet(cfg.encoder, lang_dim, channels_last)
+        encoder = None if self.shared else value_encoder(cfg, lang_dim, channels_last)
         self.actor = Actor(encoder, cfg.hidden, tanh_squash=True, in_dim=self.critic.encoder.out_dim)
         self.log_alpha = torch.nn.Parameter(torch.tensor(math.log(cfg.init_temperature)))
         self.make_optimizer(
@@ -108,19 +108,20 @@ class CalQLAgent(Agent):
     def losses(self, batch: dict[str, torch.Tensor], g: torch.Generator) -> tuple[torch.Tensor, dict]:
         cfg, n = self.cfg, self.cfg.cql_n_actions
         s, s_next, lang, a = batch["image"], batch["next_image"], batch["lang"], batch["action"]
+        st, st_next = batch.get("state"), batch.get("next_state")  # normalised states (value.proprio)
         B = a.shape[0]
         # the actor over s with a gradient; over s' without one: a single pass over both (2B rows) would
         # run its backward over all 2B, half of them with a zero gradient (GroupNorm: rows are independent)
         if self.shared:  # actor_encoder=critic: the critic's embedding of s, the target's of s', no gradient
-            emb = self.critic.embed(s, lang)
+            emb = self.critic.embed(s, lang, st)
             mean, std = self.actor.head(emb.detach())
         else:
-            mean, std = self.actor(s, lang)
+            mean, std = self.actor(s, lang, st)
         a_cur, logp_cur = self.actor.sample(mean, std, n, g)  # (n, B, 7), (n, B); keeps gradient
         with torch.no_grad():
-            emb_next = self.target.embed(s_next, lang)
+            emb_next = self.target.embed(s_next, lang, st_next)
             a_next, logp_next = self.actor.sample(
-                *(self.actor.head(emb_next) if self.shared else self.actor(s_next, lang)), n, g
+                *(self.actor.head(emb_next) if self.shared else self.actor(s_next, lang, st_next)), n, g
             )
             a_next, logp_next = a_next.transpose(0, 1), logp_next.T  # (B, n, 7), (B, n)
             # max-target backup over the n samples, or a single sample (the first) without it
@@ -128,7 +129,7 @@ class CalQLAgent(Agent):
             target_q = self.target.q_from_embedding(emb_next, backup).float()
             y = td_target(batch["reward"], batch["terminal"], max_target_backup(target_q), self.discount)
         if not self.shared:
-            emb = self.critic.embed(s, lang)
+            emb = self.critic.embed(s, lang, st)
         a_rand = uniform_actions((B, n, 7), g, a.device)
         candidates = torch.cat([a.unsqueeze(1), a_rand, a_cur.detach().transpose(0, 1), a_next], dim=1)
         q_all = self.critic.q_from_embedding(emb, candidates).float()  # (E, B, 1 + 3n)

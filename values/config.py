@@ -86,6 +86,11 @@ class ValueConfig:
     # critic alone; "critic" halves the encoder passes per update (Cal-QL 8 -> 4, IQL 11 -> 5 batch
     # passes, a backward counted as two), so training runs ~2x faster (docs/values.md). Not V-GPS's recipe.
     actor_encoder: str = "separate"
+    # Proprioception: append the normalised robot state (the observation's 7-D `state`, normalised with
+    # the dataset's "proprio" statistics like actions, all 7 dimensions) to the image-language
+    # embedding that the Q heads, the actor and V read. V-GPS: use_proprio false (images only).
+    # Steering then needs `state` in every observation (the sim and the WidowX client send it).
+    proprio: bool = False
     # Image augmentation (V-GPS: random resized crop scale [0.8, 1], colour jitter), same for s, s'.
     augment: bool = True
     language: LanguageConfig = field(default_factory=LanguageConfig)

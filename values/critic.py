@@ -2,12 +2,15 @@
 
     scorer = load_critic("runs/train_value/<name>")          # or a checkpoint directory
     scorer.q(images, lang, normalised_actions)                # (ensemble, B), the Critic contract
+                                                              # (+ normalised states for value.proprio)
     scorer.score(obs, actions)                                # (K,) for K canonical actions
     scorer.score_batch(observations, actions)                 # (N, K) for N observations
 
 `score` encodes the image and the instruction once and evaluates all K actions in one batch of the
 heads; actions are normalised with the *critic's own* training statistics (V-GPS's released code
-re-scales queries with other bounds than it trained with; reference/vgps.md). As in V-GPS, scores
+re-scales queries with other bounds than it trained with; reference/vgps.md). A critic trained with
+value.proprio=true also reads each observation's `state`, normalised with its "proprio" statistics.
+As in V-GPS, scores
 use the target critic's parameters and the minimum over the ensemble. Images of another size than
 the critic was trained on are resized (antialiased) first.
 
@@ -43,7 +46,7 @@ from configs.errors import UserError
 from data.normalize import ActionNormalizer
 from policies.base import fixed_batches
 from values.language import EmbeddingCache, make_language_encoder
-from values.networks import Critic, FiLMResNet
+from values.networks import Critic, value_encoder
 
 
 class CriticScorer:
@@ -52,8 +55,12 @@ class CriticScorer:
     def __init__(
         self, critic: Critic, normalizer: ActionNormalizer, language: EmbeddingCache, image_shape: Sequence[int],
         bf16: bool = False, cuda_graphs: bool = False, overlap: bool = True,
+        state_normalizer: ActionNormalizer | None = None,
     ) -> None:  # fmt: skip
         self.critic, self.normalizer, self.language = critic.eval(), normalizer, language
+        if (state_normalizer is None) != (critic.encoder.proprio_dim == 0):
+            raise ValueError("a critic that reads the state (value.proprio) needs a state normaliser, and only it")
+        self.state_normalizer = state_normalizer
         self.image_shape = tuple(image_shape)
         self.device = next(critic.parameters()).device
         on_gpu = self.device.type == "cuda"
@@ -68,10 +75,12 @@ class CriticScorer:
         self.batch_rows = rows
 
     @torch.no_grad()
-    def q(self, images: torch.Tensor, lang: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
-        """uint8 (B, H, W, 3), (B, D), normalised (B, 7) -> (ensemble, B)."""
+    def q(
+        self, images: torch.Tensor, lang: torch.Tensor, actions: torch.Tensor, state: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """uint8 (B, H, W, 3), (B, D), normalised (B, 7) [, normalised states (B, 7)] -> (ensemble, B)."""
         with torch.autocast("cuda", torch.bfloat16, enabled=self.bf16):
-            return self.critic.q(self._images(images), lang, actions).float()
+            return self.critic.q(self._images(images), lang, actions, state).float()
 
     @torch.no_grad()
     def score_batch(self, observations: Sequence[dict[str, Any]], actions: np.ndarray | torch.Tensor) -> torch.Tensor:
@@ -93,18 +102,33 @@ class CriticScorer:
         """
         images = torch.from_numpy(np.stack([np.asarray(o["image_primary"]) for o in observations]))
         lang = torch.stack([self.language.get(o["instruction"]) for o in observations])
-        images = self._images(images.to(self.device))
+        inputs = [self._images(images.to(self.device)), lang]
+        if self.state_normalizer is not None:
+            inputs.append(self._states(observations))
         if self.stream is None:
-            return self._rows(self._embed, images, lang)
+            return self._rows(self._embed, *inputs)
         main = torch.cuda.current_stream(self.device)
         self.stream.wait_stream(main)  # the inputs were made on the main stream
         with torch.cuda.stream(self.stream):
-            emb = self._rows(self._embed, images, lang)
+            emb = self._rows(self._embed, *inputs)
         # the caching allocator must not hand these blocks out again before the other stream is done
-        images.record_stream(self.stream)
-        lang.record_stream(self.stream)
+        for x in inputs:
+            x.record_stream(self.stream)
         emb.record_stream(main)
         return emb
+
+    def _states(self, observations: Sequence[dict[str, Any]]) -> torch.Tensor:
+        """(N, 7) normalised states of the observations, for a critic trained with value.proprio=true."""
+        states = [o.get("state") for o in observations]
+        bad = [x for x in states if x is None or np.shape(x) != (7,)]
+        if bad:
+            raise UserError(
+                "This critic was trained with value.proprio=true: every observation needs its 'state', float (7,) "
+                f"[x, y, z, roll, pitch, yaw, gripper], got {None if bad[0] is None else np.shape(bad[0])}. Send "
+                "the robot's state with each observation, or steer with a critic trained without proprio."
+            )
+        norm = self.state_normalizer.normalize(np.stack(states).astype(np.float32))  # type: ignore[union-attr]
+        return torch.from_numpy(norm).to(self.device)
 
     @torch.no_grad()
     def score_embedded(self, emb: torch.Tensor, actions: np.ndarray | torch.Tensor) -> torch.Tensor:
@@ -142,9 +166,9 @@ class CriticScorer:
         return self._graphs[key](*inputs)
 
     # no autocast weight cache: CUDA graph capture needs it off, and each weight is cast once per call anyway
-    def _embed(self, images: torch.Tensor, lang: torch.Tensor) -> torch.Tensor:
+    def _embed(self, images: torch.Tensor, lang: torch.Tensor, state: torch.Tensor | None = None) -> torch.Tensor:
         with torch.autocast("cuda", torch.bfloat16, enabled=self.bf16, cache_enabled=False):
-            return self.critic.embed(images, lang)
+            return self.critic.embed(images, lang, state)
 
     def _heads(self, emb: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
         with torch.autocast("cuda", torch.bfloat16, enabled=self.bf16, cache_enabled=False):
@@ -213,14 +237,21 @@ def load_critic(
         raise UserError(
             f"{ckpt} was trained with language encoder {language_info['encoder']}, got {encoder.identity()}."
         )
-    critic = Critic(FiLMResNet(cfg.value.encoder, encoder.dim), cfg.value.hidden, cfg.value.ensemble)
+    critic = Critic(value_encoder(cfg.value, encoder.dim), cfg.value.hidden, cfg.value.ensemble)
     state, meta = load_checkpoint(ckpt, device="cpu")
     prefix = {"target": "target.", "online": "critic."}[params]
     critic.load_state_dict({k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)})
     critic.to(device)
-    normalizer = ActionNormalizer(stats[name], cfg.data.normalization, source=f"{ckpt} statistics of {name}")
+    source = f"{ckpt} statistics of {name}"
+    normalizer = ActionNormalizer(stats[name], cfg.data.normalization, source=source)
+    states = _state_normalizer(critic, stats[name], cfg.data.normalization, source)
     language = EmbeddingCache(encoder, device)
-    return CriticScorer(critic, normalizer, language, meta["image_shape"], bf16, cuda_graphs, overlap)
+    return CriticScorer(critic, normalizer, language, meta["image_shape"], bf16, cuda_graphs, overlap, states)
+
+
+def _state_normalizer(critic: Critic, stats: dict[str, Any], mode: str, source: str) -> ActionNormalizer | None:
+    """The "proprio" normaliser of a critic that reads the state (value.proprio), else None."""
+    return ActionNormalizer(stats, mode, source, key="proprio") if critic.encoder.proprio_dim else None
 
 
 def random_critic(
@@ -236,7 +267,8 @@ def random_critic(
     encoder = make_language_encoder(cfg.language, device="cpu")
     with torch.random.fork_rng(devices=[]):  # a seeded initialisation that leaves the global RNG alone
         torch.manual_seed(seed)
-        critic = Critic(FiLMResNet(cfg.encoder, encoder.dim), cfg.hidden, cfg.ensemble).to(device)
+        critic = Critic(value_encoder(cfg, encoder.dim), cfg.hidden, cfg.ensemble).to(device)
     normalizer = ActionNormalizer(stats, normalization, source="random_critic statistics")
+    states = _state_normalizer(critic, stats, normalization, "random_critic statistics")
     return CriticScorer(critic, normalizer, EmbeddingCache(encoder, device), (image_size, image_size, 3), bf16,
-                        cuda_graphs, overlap)  # fmt: skip
+                        cuda_graphs, overlap, states)  # fmt: skip

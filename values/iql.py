@@ -18,7 +18,7 @@ import torch
 
 from values.agent import Agent
 from values.config import ValueConfig
-from values.networks import Actor, Critic, FiLMResNet, ValueNet, soft_update
+from values.networks import Actor, Critic, FiLMResNet, ValueNet, soft_update, value_encoder
 
 # --- loss math --------------------------------------------------------------------------------
 
@@ -49,13 +49,13 @@ class IQLAgent(Agent):
         self, cfg: ValueConfig, lang_dim: int, discount: float, seed: int, channels_last: bool = False
     ) -> None:
         super().__init__(cfg, discount, seed)
-        self.critic = Critic(FiLMResNet(cfg.encoder, lang_dim, channels_last), cfg.hidden, cfg.ensemble)
+        self.critic = Critic(value_encoder(cfg, lang_dim, channels_last), cfg.hidden, cfg.ensemble)
         self.target = copy.deepcopy(self.critic).requires_grad_(False)
         self.shared = cfg.actor_encoder == "critic"  # V and the actor read the critic's embeddings
         width = self.critic.encoder.out_dim
 
         def encoder() -> FiLMResNet | None:
-            return None if self.shared else FiLMResNet(cfg.encoder, lang_dim, channels_last)
+            return None if self.shared else value_encoder(cfg, lang_dim, channels_last)
 
         self.value = ValueNet(encoder(), cfg.hidden, in_dim=width)
         self.value_target = copy.deepcopy(self.value).requires_grad_(False)
@@ -70,22 +70,24 @@ class IQLAgent(Agent):
 
     def losses(self, batch: dict[str, torch.Tensor], g: torch.Generator) -> tuple[torch.Tensor, dict]:
         s, s_next, lang, a = batch["image"], batch["next_image"], batch["lang"], batch["action"]
+        st, st_next = batch.get("state"), batch.get("next_state")  # normalised states (value.proprio)
         if self.shared:  # actor_encoder=critic: heads over the critic's embedding of s, the target's elsewhere
-            emb = self.critic.embed(s, lang)
+            emb = self.critic.embed(s, lang, st)
             v = self.value.head(emb.detach())
             with torch.no_grad():  # the target encoder once over s and s' (GroupNorm: rows stay independent)
-                both = self.target.embed(torch.cat([s, s_next]), torch.cat([lang, lang]))
+                states = None if st is None else torch.cat([st, st_next])
+                both = self.target.embed(torch.cat([s, s_next]), torch.cat([lang, lang]), states)
                 q_target = self.target.q_from_embedding(both[: len(s)], a).float().min(dim=0).values
                 next_v = self.value_target.head(both[len(s) :])
             q = self.critic.q_from_embedding(emb, a).float()
             mean, std = self.actor.head(emb.detach())
         else:
-            v = self.value(s, lang)
+            v = self.value(s, lang, st)
             with torch.no_grad():
-                next_v = self.value_target(s_next, lang)  # Vbar(s'): the target value network
-                q_target = self.target.q(s, lang, a).float().min(dim=0).values
-            q = self.critic.q(s, lang, a).float()
-            mean, std = self.actor(s, lang)
+                next_v = self.value_target(s_next, lang, st_next)  # Vbar(s'): the target value network
+                q_target = self.target.q(s, lang, a, st).float().min(dim=0).values
+            q = self.critic.q(s, lang, a, st).float()
+            mean, std = self.actor(s, lang, st)
         value_loss = expectile_loss(q_target - v, self.cfg.expectile)
         critic_loss, y = q_loss(q, batch["reward"], batch["terminal"], next_v, self.discount)
         actor_loss, weight = awr_loss(q_target - v, self.actor.log_prob(mean, std, a), self.cfg.awr_temperature)

@@ -20,9 +20,10 @@ from torch import nn
 from torch.nn import functional as F
 
 from configs.errors import UserError
-from values.config import EncoderConfig
+from values.config import EncoderConfig, ValueConfig
 
 ACTION_DIM = 7
+STATE_DIM = 7  # the canonical observation state [x, y, z, roll, pitch, yaw, gripper] (DESIGN.md)
 
 
 class GroupNorm(nn.GroupNorm):
@@ -101,11 +102,15 @@ class FiLM(nn.Module):
 
 
 class FiLMResNet(nn.Module):
-    """uint8 images (B, H, W, 3) + instruction embeddings (B, D) -> (B, out_dim) features."""
+    """uint8 images (B, H, W, 3) + instruction embeddings (B, D) -> (B, out_dim) features.
 
-    def __init__(self, cfg: EncoderConfig, cond_dim: int, channels_last: bool = False) -> None:
+    `proprio_dim` > 0 (value.proprio): the normalised state (B, proprio_dim) is appended to the pooled
+    features, as jaxrl_m's encoder wrapper does with use_proprio, so every head reads it.
+    """
+
+    def __init__(self, cfg: EncoderConfig, cond_dim: int, channels_last: bool = False, proprio_dim: int = 0) -> None:
         super().__init__()
-        self.channels_last = channels_last
+        self.channels_last, self.proprio_dim = channels_last, proprio_dim
         kwargs = {"act_layer": nn.SiLU if cfg.act == "silu" else nn.ReLU}
         if cfg.norm_groups:
             kwargs["norm_layer"] = _group_norm(cfg.norm_groups)
@@ -122,15 +127,29 @@ class FiLMResNet(nn.Module):
                 self.net.conv1 = CoordStemConv.replacing(self.net.conv1)
         self.blocks = [block for name in ("layer1", "layer2", "layer3", "layer4") for block in getattr(self.net, name)]
         self.films = nn.ModuleList(FiLM(cond_dim, _out_channels(b)) for b in self.blocks)
-        self.out_dim = int(self.net.num_features)
+        self.out_dim = int(self.net.num_features) + proprio_dim
 
-    def forward(self, images: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+    def forward(self, images: torch.Tensor, cond: torch.Tensor, state: torch.Tensor | None = None) -> torch.Tensor:
         net = self.net
         x = images_to_input(images, self.channels_last)
         x = net.maxpool(net.act1(net.bn1(net.conv1(x))))
         for block, film in zip(self.blocks, self.films, strict=True):
             x = film(block(x), cond)
-        return x.float().mean(dim=(2, 3))
+        features = x.float().mean(dim=(2, 3))
+        if not self.proprio_dim:
+            return features
+        if state is None or state.shape != (len(features), self.proprio_dim):
+            got = None if state is None else tuple(state.shape)
+            raise ValueError(f"this encoder reads the state (value.proprio=true): it needs a normalised state of "
+                             f"shape ({len(features)}, {self.proprio_dim}), got {got}")  # fmt: skip
+        return torch.cat([features, state.float()], dim=-1)
+
+
+def value_encoder(cfg: ValueConfig, cond_dim: int, channels_last: bool = False) -> FiLMResNet:
+    """The image encoder of a value config (a ValueConfig or its node; a config saved before
+    value.proprio existed reads as proprio false)."""
+    proprio = bool(getattr(cfg, "proprio", False))
+    return FiLMResNet(cfg.encoder, cond_dim, channels_last, STATE_DIM if proprio else 0)
 
 
 def _out_channels(block: nn.Module) -> int:
@@ -177,9 +196,9 @@ class Critic(nn.Module):
         self.encoder = encoder
         self.heads = EnsembleMLP(ensemble, encoder.out_dim + ACTION_DIM, hidden, 1)
 
-    def embed(self, images: torch.Tensor, lang: torch.Tensor) -> torch.Tensor:
-        """(B, H, W, 3) uint8, (B, D) -> (B, F)."""
-        return self.encoder(images, lang)
+    def embed(self, images: torch.Tensor, lang: torch.Tensor, state: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, H, W, 3) uint8, (B, D) [, normalised state (B, 7) if the encoder reads it] -> (B, F)."""
+        return self.encoder(images, lang, state)
 
     def q_from_embedding(self, emb: torch.Tensor, actions: torch.Tensor, frozen: bool = False) -> torch.Tensor:
         """(B, F) and (B, 7) -> (E, B); or (B, N, 7) -> (E, B, N) (N actions per state).
@@ -199,9 +218,12 @@ class Critic(nn.Module):
             q = self.heads(x)
         return q.view(-1, B, N) if per_state else q.view(-1, B)
 
-    def q(self, images: torch.Tensor, lang: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
-        """The Critic contract: (B, H, W, 3), (B, D), normalised (B, 7) -> (ensemble, B)."""
-        return self.q_from_embedding(self.embed(images, lang), actions)
+    def q(
+        self, images: torch.Tensor, lang: torch.Tensor, actions: torch.Tensor, state: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The Critic contract: (B, H, W, 3), (B, D), normalised (B, 7) -> (ensemble, B); `state`: the
+        normalised state (B, 7), for a critic trained with value.proprio=true."""
+        return self.q_from_embedding(self.embed(images, lang, state), actions)
 
 
 class Actor(nn.Module):
@@ -219,9 +241,11 @@ class Actor(nn.Module):
         self.mlp = EnsembleMLP(1, encoder.out_dim if encoder is not None else in_dim, hidden, 2 * ACTION_DIM)
         self.tanh_squash = tanh_squash
 
-    def forward(self, images: torch.Tensor, lang: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, images: torch.Tensor, lang: torch.Tensor, state: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """-> mean (B, 7) and std (B, 7) of the pre-squash Gaussian ("exp" std, log-std in [-20, 2])."""
-        return self.head(self.encoder(images, lang))
+        return self.head(self.encoder(images, lang, state))
 
     def head(self, emb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The same from an embedding (B, F)."""
@@ -257,8 +281,8 @@ class ValueNet(nn.Module):
         self.encoder = encoder
         self.mlp = EnsembleMLP(1, encoder.out_dim if encoder is not None else in_dim, hidden, 1)
 
-    def forward(self, images: torch.Tensor, lang: torch.Tensor) -> torch.Tensor:
-        return self.head(self.encoder(images, lang))
+    def forward(self, images: torch.Tensor, lang: torch.Tensor, state: torch.Tensor | None = None) -> torch.Tensor:
+        return self.head(self.encoder(images, lang, state))
 
     def head(self, emb: torch.Tensor) -> torch.Tensor:
         return self.mlp(emb)[0, :, 0].float()

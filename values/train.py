@@ -100,6 +100,7 @@ def checked_update(agent: Agent, batch: dict[str, torch.Tensor], metrics: bool) 
 def to_device(batch: dict[str, Any], lang_table: torch.Tensor, device: torch.device) -> dict[str, torch.Tensor]:
     """Move the tensors the agent needs; `lang` (B, D) comes from the embedding table by instruction id."""
     keys = ("image", "next_image", "action", "reward", "terminal", "mc_return", "instruction_id", "success", "timestep")
+    keys += ("state", "next_state") if "state" in batch else ()  # value.proprio
     out = {k: batch[k].to(device, non_blocking=True) for k in keys}
     out["lang"] = lang_table[out["instruction_id"]]
     return out
@@ -160,7 +161,8 @@ def validate(agent: Agent, data: MixtureDataset, weights: list[float], lang_tabl
         batch = to_device(raw, lang_table, device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=agent.autocast):
             _, metrics = agent.losses(batch, step_generator(dist.seed(cfg.seed + 1), i, device))
-            q.append(agent.target.q(batch["image"], batch["lang"], batch["action"]).float().min(0).values.cpu())
+            q_val = agent.target.q(batch["image"], batch["lang"], batch["action"], batch.get("state"))
+            q.append(q_val.float().min(0).values.cpu())
         for name in ("td_error", "q_data"):
             sums[name] = sums.get(name, 0.0) + float(metrics[name])
         success.append(raw["success"])
@@ -184,8 +186,8 @@ def train_value(cfg: TrainValueConfig) -> Path:
     dist, device = start_training(cfg.device, cfg.batch_size)
     with main_first(dist):  # rank 0 prepares the data; the others then read what it wrote
         prepared = prepare_data(cfg.data)
-    train_data, weights = build_datasets(prepared, cfg.data, "train")
-    val_data, val_weights = build_datasets(prepared, cfg.data, "val")
+    train_data, weights = build_datasets(prepared, cfg.data, "train", proprio=cfg.value.proprio)
+    val_data, val_weights = build_datasets(prepared, cfg.data, "val", proprio=cfg.value.proprio)
     language = make_language_encoder(cfg.value.language, device="cpu")
     cache = EmbeddingCache(language, device)
     train_lang, val_lang = cache.table(train_data.instructions), cache.table(val_data.instructions)

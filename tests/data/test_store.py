@@ -94,6 +94,30 @@ def test_batches_match_the_raw_episodes(prepared, staged) -> None:
     assert [train.instructions[i] for i in batch["instruction_id"]] == batch["instruction"]
 
 
+def test_proprio_batches_carry_the_normalised_states_of_s_and_s_next(prepared, staged) -> None:
+    """value.proprio: `state` / `next_state` are the raw states of frames t and t+1, normalised with the
+    dataset's "proprio" statistics in all seven dimensions (bounds_q99: clipped to [-1, 1])."""
+    cfg, p = prepared
+    plain, _ = build_datasets(p, cfg, "train")
+    train, _ = build_datasets(p, cfg, "train", proprio=True)
+    idx = list(range(len(train)))
+    batch = train.__getitems__(idx)
+    assert "state" not in plain.__getitems__(idx)  # only when asked for
+    by_path = {staged[k]["episode_metadata/file_path"]: k for k in TRAIN}
+    raw = [staged[by_path[path]]["steps/observation/state"].astype(np.float32) for path in p["bridge"].train.ep_key]
+    now = np.concatenate([s[:-1] for s in raw])
+    after = np.concatenate([s[1:] for s in raw])
+    stats = p["bridge"].stats["proprio"]
+    low, high = np.asarray(stats["q01"]), np.asarray(stats["q99"])
+    expected = lambda x: np.clip(2 * (x - low) / (high - low + 1e-8) - 1, -1, 1)  # noqa: E731
+    np.testing.assert_allclose(batch["state"].numpy(), expected(now), atol=1e-5)
+    np.testing.assert_allclose(batch["next_state"].numpy(), expected(after), atol=1e-5)
+    assert np.ptp(batch["state"].numpy()[:, 6]) > 0  # the gripper dimension is normalised too
+    del p["bridge"].stats["proprio"]  # statistics without it: an error that says how to recompute them
+    with pytest.raises(UserError, match=r"proprio.*data.prepare"):
+        build_datasets(p, cfg, "train", proprio=True)
+
+
 def test_statistics_cached_and_reused(prepared, bridge_copy) -> None:
     cfg, p = prepared
     stats_file = p["bridge"].train.path / "dataset_statistics.json"

@@ -63,9 +63,9 @@ def obs(seed: int = 0, instruction: str = "reach forward") -> Observation:
     return observation(seed, instruction, size=32)
 
 
-def tiny_critic(stats: dict | None = None, seed: int = 0) -> CriticScorer:
-    """An untrained FiLM-ResNet critic at 32 px (resnet10t, heads [16, 16])."""
-    cfg = ValueConfig(algo="calql", encoder=EncoderConfig(arch="resnet10t"), hidden=[16, 16])
+def tiny_critic(stats: dict | None = None, seed: int = 0, proprio: bool = False) -> CriticScorer:
+    """An untrained FiLM-ResNet critic at 32 px (resnet10t, heads [16, 16]); `proprio`: it reads the state."""
+    cfg = ValueConfig(algo="calql", encoder=EncoderConfig(arch="resnet10t"), hidden=[16, 16], proprio=proprio)
     return random_critic(cfg, stats or fake_stats()["sim"], image_size=32, seed=seed)
 
 
@@ -209,7 +209,7 @@ def test_image_and_instruction_are_encoded_once_per_step(monkeypatch: pytest.Mon
     events, texts = [], []
     embed, heads, encode = critic.critic.embed, critic.critic.heads.forward, critic.language.encoder.embed
     sample = base.sample_actions_batch
-    monkeypatch.setattr(critic.critic, "embed", lambda im, lang: events.append(("embed", len(im))) or embed(im, lang))
+    monkeypatch.setattr(critic.critic, "embed", lambda im, *rest: events.append(("embed", len(im))) or embed(im, *rest))
     monkeypatch.setattr(critic.critic.heads, "forward", lambda x: events.append(("heads", len(x))) or heads(x))
     monkeypatch.setattr(critic.language.encoder, "embed", lambda t: texts.extend(t) or encode(t))
     monkeypatch.setattr(base, "sample_actions_batch", lambda o, k, s: events.append(("sample", k)) or sample(o, k, s))
@@ -244,7 +244,7 @@ def scores_in_batches(critic: Any, target: Observation, actions: np.ndarray) -> 
     return out
 
 
-@pytest.mark.parametrize("kind", ["film_resnet", "qsft"])
+@pytest.mark.parametrize("kind", ["film_resnet", "film_resnet_proprio", "qsft"])
 def test_with_fixed_batch_rows_scores_are_bit_identical_whatever_the_batch(kind: str, tmp_path: Path) -> None:
     if kind == "qsft":
         from policies.qsft.policy import load_qsft_critic
@@ -252,7 +252,7 @@ def test_with_fixed_batch_rows_scores_are_bit_identical_whatever_the_batch(kind:
 
         critic = load_qsft_critic(tiny_qsft_checkpoint(tmp_path / "qsft"), "ratio", device="cpu")
     else:
-        critic = tiny_critic()
+        critic = tiny_critic(proprio=kind.endswith("proprio"))  # proprio: the states are padded with the rest
     rows: list[int] = []  # the batch size of every network call
     if kind == "qsft":
         score = critic.model.score

@@ -95,6 +95,44 @@ def test_shared_actor_encoder_debug_run_gives_a_critic_that_scores(sim_data_dir:
     assert scores.shape == (3,) and torch.isfinite(scores).all()
 
 
+@pytest.mark.parametrize(
+    "options",
+    [
+        ("value.proprio=true",),
+        ("value.proprio=true", "value.actor_encoder=critic"),
+        ("value.proprio=true", "value=iql"),
+        ("value.proprio=true", "value=iql", "value.actor_encoder=critic"),
+    ],
+    ids=["calql", "calql-shared", "iql", "iql-shared"],
+)
+def test_a_proprio_critic_trains_and_scores_with_the_state(sim_data_dir: Path, tmp_path: Path, options) -> None:
+    """value.proprio=true: the heads read the normalised state after the image features; the scorer
+    normalises each observation's state with the checkpoint's "proprio" statistics, as the loader did."""
+    run = train_value(cfg(sim_data_dir, tmp_path, "name=proprio", "steps=2", *options))
+    state = final_state(run, 2)
+    assert all(torch.isfinite(v).all() for v in state.values())
+    scorer = load_critic(run)
+    assert scorer.critic.encoder.proprio_dim == 7 and scorer.state_normalizer is not None
+    features = scorer.critic.encoder.net.num_features
+    assert state["critic.heads.weights.0"].shape[1] == features + 7 + 7  # features, state, action
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)
+    raw = scorer.state_normalizer.unnormalize(rng.uniform(-0.9, 0.9, (2, 7)).astype(np.float32))
+    actions = rng.uniform(-0.01, 0.01, (4, 7)).astype(np.float32)
+    obs = [{"image_primary": image, "instruction": "reach forward", "state": s} for s in raw]
+    scores = scorer.score_batch(obs, np.stack([actions, actions]))
+    assert scores.shape == (2, 4) and not torch.allclose(scores[0], scores[1])  # the state changes Q
+    # the Critic contract with the state normalised by hand gives the same scores
+    lang = scorer.language.get("reach forward")[None].expand(4, -1)
+    norm_actions = scorer.normalizer.normalize(torch.as_tensor(actions))
+    for row, s in enumerate(raw):
+        norm_state = torch.as_tensor(scorer.state_normalizer.normalize(s)).expand(4, -1)
+        q = scorer.q(torch.as_tensor(image)[None].expand(4, -1, -1, -1), lang, norm_actions, norm_state)
+        torch.testing.assert_close(scores[row], q.min(0).values, rtol=1e-5, atol=1e-5)
+    with pytest.raises(UserError, match=r"value.proprio=true.*'state'"):
+        scorer.score({"image_primary": image, "instruction": "reach forward"}, actions)
+
+
 def test_bad_value_options_write_nothing(tmp_path: Path) -> None:
     for option, named in (("value.actor_encoder=shared", "actor_encoder"), ("value.algo=sac", "sac")):
         with pytest.raises(UserError, match=named):
