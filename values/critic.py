@@ -8,11 +8,10 @@
 
 `score` encodes the image and the instruction once and evaluates all K actions in one batch of the
 heads; actions are normalised with the *critic's own* training statistics (V-GPS's released code
-re-scales queries with other bounds than it trained with; reference/vgps.md). A critic trained with
-value.proprio=true also reads each observation's `state`, normalised with its "proprio" statistics.
-As in V-GPS, scores
+re-scales queries with other bounds than it trained with; reference/vgps.md). As in V-GPS, scores
 use the target critic's parameters and the minimum over the ensemble. Images of another size than
-the critic was trained on are resized (antialiased) first.
+the critic was trained on are resized (antialiased) first. A critic trained with value.proprio=true
+also reads each observation's `state`, normalised with its own "proprio" statistics.
 
 Scoring is two calls, `embed_batch(observations) -> (N, F)` and `score_embedded(emb, actions)`, so
 that steering can launch the encoder before the policy samples. On a GPU the encoder runs on a side
